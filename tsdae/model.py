@@ -1,0 +1,162 @@
+"""The TSDAE model: an encoder with pooling, and a decoder that rebuilds the sentence from its vector.
+
+Wang, Reimers & Gurevych (2021), "TSDAE: Using Transformer-based Sequential Denoising Auto-Encoder for
+Unsupervised Sentence Embedding Learning", https://arxiv.org/abs/2104.06979
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from tsdae.config import ModelConfig
+from tsdae.paths import resolve_model_path
+from tsdae.pooling import pool
+
+
+class ModelError(ValueError):
+    """A model that cannot be used for TSDAE; the message names the model."""
+
+
+def tsdae_loss(
+    decoder: nn.Module,
+    emb_BH: torch.Tensor,
+    target_ids_BT: torch.Tensor,
+    pad_id: int,
+    decoder_attention_mask_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reconstruction loss: the decoder predicts target token t+1 from tokens <= t and the sentence vector.
+
+    target_ids_BT: the original sentence with special tokens, padded on the RIGHT with pad_id.
+    emb_BH: one vector per sentence; the decoder cross-attends to it as a length-1 memory.
+    Decoder input = target without its last position; labels = target shifted by one; padding labels are
+    ignored. No decoder attention mask by default: with right padding and causal self-attention a real
+    token never sees a pad, so the loss is identical with or without one (tested), and skipping the mask
+    keeps attention on its fused causal path. Returns the mean cross-entropy over non-pad labels.
+    """
+    input_ids_BT = target_ids_BT[:, :-1]
+    labels_BT = target_ids_BT[:, 1:]
+    mask = None if decoder_attention_mask_BT is None else decoder_attention_mask_BT[:, :-1]
+    logits_BTV = decoder(
+        input_ids=input_ids_BT,
+        attention_mask=mask,
+        encoder_hidden_states=emb_BH[:, None, :],
+        use_cache=False,
+    ).logits
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=pad_id)
+
+
+class TSDAE(nn.Module):
+    """Encoder + pooling + decoder in one module, so one DDP wrapper synchronises all of their gradients.
+
+    forward(noisy_input_ids_BS, noisy_attention_mask_BS, target_ids_BT) -> scalar loss.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, pooling: str, pad_id: int):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.pooling = pooling
+        self.pad_id = pad_id
+
+    def embed(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
+        hidden_BSH = self.encoder(input_ids=input_ids_BS, attention_mask=attention_mask_BS).last_hidden_state
+        return pool(hidden_BSH, attention_mask_BS, self.pooling)
+
+    def forward(self, noisy_input_ids, noisy_attention_mask, target_ids):
+        emb_BH = self.embed(noisy_input_ids, noisy_attention_mask)
+        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id)
+
+
+def tie_decoder_to_encoder(encoder: nn.Module, decoder: nn.Module) -> int:
+    """Make the decoder's body share the encoder's parameters, by module path, through public attributes.
+
+    Every parameter of ``decoder.base_model`` whose module path and name also exist in the encoder is
+    replaced by the encoder's Parameter object (the encoder stays the owner, so exporting it needs no
+    untying). Decoder-only parameters (cross-attention, LM head transform) stay the decoder's own. The
+    LM head's output matrix is re-pointed at the shared word embeddings when the config ties them.
+    Returns the number of tied parameters.
+    """
+    encoder_modules = dict(encoder.named_modules())
+    tied = 0
+    for module_name, module in decoder.base_model.named_modules():
+        source = encoder_modules.get(module_name)
+        if source is None:
+            continue
+        for attr, param in list(module.named_parameters(recurse=False)):
+            shared = getattr(source, attr, None)
+            if isinstance(shared, nn.Parameter) and shared.shape == param.shape:
+                setattr(module, attr, shared)
+                tied += 1
+    if getattr(decoder.config, "tie_word_embeddings", False):
+        decoder.get_output_embeddings().weight = decoder.get_input_embeddings().weight
+    return tied
+
+
+def _load_decoder(path: str, name: str) -> nn.Module:
+    config = AutoConfig.from_pretrained(path)
+    config.is_decoder = True
+    config.add_cross_attention = True
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, config=config)
+    except ValueError as e:
+        raise ModelError(
+            f"model {name!r} ({config.model_type}) has no causal-LM class in transformers, so it cannot be "
+            f"a TSDAE decoder; use an architecture with a causal-LM head and cross-attention "
+            f"(e.g. BERT, RoBERTa, ELECTRA) or set model.decoder_name_or_path"
+        ) from e
+
+
+def _check_decoder_reads_memory(decoder: nn.Module, hidden_size: int, name: str) -> None:
+    """Fail fast if the decoder silently ignores encoder_hidden_states (some causal LMs do)."""
+    ids = torch.tensor([[decoder.config.pad_token_id or 0, 1]])
+    memory = torch.randn(2, 1, hidden_size, generator=torch.Generator().manual_seed(0))
+    was_training = decoder.training
+    decoder.eval()
+    with torch.no_grad():
+        a = decoder(input_ids=ids, encoder_hidden_states=memory[:1], use_cache=False).logits
+        b = decoder(input_ids=ids, encoder_hidden_states=memory[1:], use_cache=False).logits
+    decoder.train(was_training)
+    if torch.allclose(a, b):
+        raise ModelError(
+            f"decoder {name!r} ignores encoder_hidden_states: it has no cross-attention, so it cannot "
+            f"reconstruct a sentence from its vector"
+        )
+
+
+def build_tsdae(cfg: ModelConfig) -> tuple[TSDAE, "AutoTokenizer"]:
+    """Load the encoder, its tokenizer and a cross-attending decoder (tied to the encoder by default)."""
+    encoder_path = resolve_model_path(cfg.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    if tokenizer.pad_token_id is None:
+        raise ModelError(f"model {cfg.name_or_path!r}: its tokenizer has no pad token")
+    encoder = AutoModel.from_pretrained(encoder_path)
+    # A pooler head (BERT's) is not used by any of our poolings; frozen, it is kept in the export but
+    # gets no gradient and DDP does not wait for one.
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler.requires_grad_(False)
+
+    decoder_name = cfg.name_or_path if cfg.tie_decoder else cfg.decoder_name_or_path
+    if decoder_name is None:
+        raise ModelError("model.tie_decoder is false but model.decoder_name_or_path is not set")
+    decoder_path = resolve_model_path(decoder_name)
+    if not cfg.tie_decoder:
+        decoder_vocab = AutoTokenizer.from_pretrained(decoder_path).get_vocab()
+        if decoder_vocab != tokenizer.get_vocab():
+            raise ModelError(
+                f"decoder {decoder_name!r} and encoder {cfg.name_or_path!r} have different vocabularies; "
+                f"TSDAE's decoder must read the encoder's token ids"
+            )
+    decoder = _load_decoder(decoder_path, decoder_name)
+    if decoder.config.hidden_size != encoder.config.hidden_size:
+        raise ModelError(
+            f"decoder {decoder_name!r} hidden size {decoder.config.hidden_size} != encoder "
+            f"{cfg.name_or_path!r} hidden size {encoder.config.hidden_size}"
+        )
+    _check_decoder_reads_memory(decoder, encoder.config.hidden_size, decoder_name)
+    if cfg.tie_decoder:
+        if tie_decoder_to_encoder(encoder, decoder) == 0:
+            raise ModelError(f"model {cfg.name_or_path!r}: no decoder weight could be tied to the encoder")
+    return TSDAE(encoder, decoder, cfg.pooling, tokenizer.pad_token_id), tokenizer
