@@ -1,0 +1,142 @@
+"""Load the STS evaluation suite (SentEval / SimCSE layout) from local files.
+
+Layout under ``sts_dir`` (see the data README):
+  STS12-en-test … STS16-en-test/  STS.input.<subset>.txt (sentence1 TAB sentence2)
+                                  STS.gs.<subset>.txt     (gold score a line; empty line = unscored pair)
+  STSBenchmark/sts-{dev,test}.csv genre, file, year, id, score, sentence1, sentence2[, extra fields…]
+  SICK/SICK_test_annotated.txt    header; pair_ID, sentence_A, sentence_B, relatedness_score, …
+
+Sentences are kept exactly as the files have them (no quoting rules: STS-B sentences contain ``"``).
+Malformed lines raise ``ValueError`` naming the file and the 1-based line number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tsdae.config import STS_TASKS
+
+_YEAR_FOLDERS = {f"STS1{i}": f"STS1{i}-en-test" for i in range(2, 7)}
+_STSB_FILES = {"STSB-test": "sts-test.csv", "STSB-dev": "sts-dev.csv"}
+_SICK_FILE = ("SICK", "SICK_test_annotated.txt")
+
+
+@dataclass(frozen=True)
+class StsSubset:
+    """One scored set of sentence pairs: sentences1[i] and sentences2[i] have gold score scores[i]."""
+
+    name: str
+    sentences1: list[str]
+    sentences2: list[str]
+    scores: np.ndarray  # (N,) float64
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file without their line ends (CRLF and LF alike); a final newline adds no
+    empty line. Raises FileNotFoundError naming the path."""
+    if not path.is_file():
+        raise FileNotFoundError(f"STS file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.endswith("\n"):
+        text = text[:-1]
+    return text.split("\n") if text else []
+
+
+def _score(value: str, path: Path, lineno: int) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{path}:{lineno}: score {value!r} is not a number") from None
+
+
+def _fields(line: str, path: Path, lineno: int, min_fields: int, max_fields: int | None = None) -> list[str]:
+    fields = line.split("\t")
+    if len(fields) < min_fields or (max_fields is not None and len(fields) > max_fields):
+        expected = str(min_fields) if max_fields == min_fields else f"at least {min_fields}"
+        raise ValueError(f"{path}:{lineno}: expected {expected} tab-separated fields, got {len(fields)}")
+    return fields
+
+
+def load_year_subset(folder: Path, subset: str) -> StsSubset:
+    """One SemEval subset: ``STS.input.<subset>.txt`` paired line by line with ``STS.gs.<subset>.txt``.
+    Pairs whose gold line is empty are dropped (SentEval does the same)."""
+    input_path = folder / f"STS.input.{subset}.txt"
+    gold_path = folder / f"STS.gs.{subset}.txt"
+    inputs, golds = _read_lines(input_path), _read_lines(gold_path)
+    if len(inputs) != len(golds):
+        raise ValueError(f"{input_path} has {len(inputs)} lines but {gold_path} has {len(golds)}")
+    s1, s2, scores = [], [], []
+    for lineno, (line, gold) in enumerate(zip(inputs, golds), start=1):
+        a, b = _fields(line, input_path, lineno, 2, 2)
+        if not gold.strip():
+            continue
+        s1.append(a)
+        s2.append(b)
+        scores.append(_score(gold.strip(), gold_path, lineno))
+    return StsSubset(subset, s1, s2, np.asarray(scores, dtype=np.float64))
+
+
+def _subset_names(folder: Path) -> list[str]:
+    prefix, suffix = "STS.input.", ".txt"
+    names = sorted(p.name[len(prefix):-len(suffix)] for p in folder.glob(f"{prefix}*{suffix}"))
+    if not names:
+        raise FileNotFoundError(f"no STS.input.*.txt files in {folder}")
+    return names
+
+
+def load_stsb(path: Path, name: str) -> StsSubset:
+    """STS-B: tab-separated, score/sentence1/sentence2 in columns 4/5/6 (0-based); extra trailing fields
+    (source tags on some lines) are ignored."""
+    s1, s2, scores = [], [], []
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        fields = _fields(line, path, lineno, 7)
+        scores.append(_score(fields[4], path, lineno))
+        s1.append(fields[5])
+        s2.append(fields[6])
+    return StsSubset(name, s1, s2, np.asarray(scores, dtype=np.float64))
+
+
+def load_sick(path: Path, name: str) -> StsSubset:
+    """SICK: a header line, then pair_ID, sentence_A, sentence_B, relatedness_score, … tab-separated."""
+    lines = _read_lines(path)
+    if not lines:
+        raise ValueError(f"{path}: empty file (expected a header line)")
+    header = lines[0].split("\t")
+    try:
+        ia, ib, iscore = (header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score"))
+    except ValueError:
+        raise ValueError(f"{path}:1: header must name sentence_A, sentence_B and relatedness_score") from None
+    s1, s2, scores = [], [], []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = _fields(line, path, lineno, len(header), len(header))
+        scores.append(_score(fields[iscore], path, lineno))
+        s1.append(fields[ia])
+        s2.append(fields[ib])
+    return StsSubset(name, s1, s2, np.asarray(scores, dtype=np.float64))
+
+
+def load_task(sts_dir: str, task: str) -> list[StsSubset]:
+    """The subsets of one task of STS_TASKS: STS12–16 give one subset per input file (sorted by name),
+    STSB-test, STSB-dev and SICK-R one subset each (named after the task)."""
+    root = Path(sts_dir)
+    if task in _YEAR_FOLDERS:
+        folder = root / _YEAR_FOLDERS[task]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"STS folder not found for {task}: {folder}")
+        return [load_year_subset(folder, subset) for subset in _subset_names(folder)]
+    if task in _STSB_FILES:
+        return [load_stsb(root / "STSBenchmark" / _STSB_FILES[task], task)]
+    if task == "SICK-R":
+        return [load_sick(root.joinpath(*_SICK_FILE), task)]
+    raise ValueError(f"unknown STS task {task!r}; known: {list(STS_TASKS)}")
+
+
+def load_tasks(sts_dir: str, tasks: list[str]) -> dict[str, list[StsSubset]]:
+    """``{task: load_task(sts_dir, task)}`` for each task, in the given order."""
+    return {task: load_task(sts_dir, task) for task in tasks}
