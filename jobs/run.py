@@ -62,7 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--name", help="run name (default: the config's name); a UTC timestamp is appended")
-    p.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the base model")
     return p.parse_args(argv)
 
 
@@ -90,7 +89,12 @@ def main(argv=None) -> int:
     from tsdae.trainer import WORKER_ENV, build_trainer
 
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
-    ray.init(address=cfg.ray_address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    local = cfg.ray_address is None and "RAY_ADDRESS" not in os.environ
+    ray.init(
+        address=cfg.ray_address,
+        num_cpus=cfg.scale.local_num_cpus if local else None,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
 
     # 3. Corpus: validate every file's schema and count what will be trained on.
     from pipeline import CorpusError, build_train_dataset, corpus_stats
@@ -108,14 +112,14 @@ def main(argv=None) -> int:
         return EXIT_DATA
 
     # 4. Base model on STS.
-    before = None
-    if not args.skip_base_eval:
-        _stage("evaluate base model")
-        before = evaluate(cfg.model.name_or_path, cfg.model.pooling, cfg.eval)
-        _log_scores("base", before)
+    _stage("evaluate base model")
+    before = evaluate(cfg.model.name_or_path, cfg.model.pooling, cfg.eval)
+    _log_scores("base", before)
 
     # 5. Train.
     _stage("train")
+    # Ray Data's progress bars redraw many times a second: fine on a terminal, a flood in job logs.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     dataset = build_train_dataset(
         cfg.read, cfg.corrupt, resolve_model_path(cfg.model.name_or_path), epochs=cfg.train.epochs,
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,

@@ -63,6 +63,10 @@ class ScaleConfig:
 
     cpus_per_worker may be fractional so that, on a small machine, Ray Data keeps CPUs for
     preprocessing (Ray Train reserves its workers' CPUs first).
+    local_num_cpus: logical CPUs of the local Ray cluster that a run starts when it joins none (null:
+    the machine's cores). Ray Data only schedules reads and tokenizer actors on CPUs that Ray Train has
+    not reserved, so a small machine needs more logical CPUs than cores; torch threads are set per
+    worker explicitly, so this does not oversubscribe the matmuls.
     """
 
     num_workers: int = 2
@@ -70,8 +74,11 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0
     preprocess_actors: int = 1
     cpus_per_preprocess_actor: float = 1.0
+    local_num_cpus: int | None = None
 
     def __post_init__(self):
+        if self.local_num_cpus is not None and self.local_num_cpus < 1:
+            raise ValueError(f"scale.local_num_cpus must be >= 1, got {self.local_num_cpus}")
         if self.num_workers < 1:
             raise ValueError(f"scale.num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0 or self.cpus_per_preprocess_actor <= 0:
