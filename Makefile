@@ -7,6 +7,8 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Ray job entrypoints and workers run `python`: make it the environment's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test test-fast setup clean
 

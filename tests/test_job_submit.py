@@ -1,0 +1,146 @@
+"""`ray job submit` of the end-to-end job to a real local Ray head on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The job client talks to a token-authenticated head. Ray caches its auth mode per process, so every
+# client call runs in a subprocess with the head's environment and this test process stays untouched.
+_CLIENT = """
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+address, action, arg = sys.argv[1:4]
+client = JobSubmissionClient(address)
+if action == "ping":
+    client.list_jobs(); print(json.dumps({}))
+elif action == "submit":
+    spec = json.loads(arg)
+    print(json.dumps({"job_id": client.submit_job(**spec)}))
+elif action == "wait":
+    deadline = time.time() + 900
+    while client.get_job_status(arg) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() < deadline:
+        time.sleep(3)
+    info = client.get_job_info(arg)
+    print(json.dumps({"status": str(info.status), "driver_exit_code": info.driver_exit_code,
+                      "logs": client.get_job_logs(arg)}))
+elif action == "list":
+    print(json.dumps([{"entrypoint": j.entrypoint, "status": str(j.status), "driver_exit_code": j.driver_exit_code}
+                      for j in client.list_jobs()]))
+"""
+
+
+def _client(head, action: str, arg: str = "") -> dict | list:
+    address, env = head
+    out = subprocess.run([sys.executable, "-c", _CLIENT, address, action, arg], env=env,
+                         capture_output=True, text=True, timeout=1000)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head started like a user would (`ray start --head`), with token auth, torn down after."""
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dashboard = _free_port()
+    temp_dir = tmp_path_factory.mktemp("ray-head")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+         "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    head = (f"http://127.0.0.1:{dashboard}", env)
+    deadline = time.time() + 120
+    while True:
+        try:
+            _client(head, "ping")
+            break
+        except RuntimeError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.terminate()
+                raise
+            time.sleep(3)
+    yield head
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def _config(tmp_path, tiny_bert_dir, **overrides) -> Path:
+    texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:64]
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"text": texts}), corpus)
+    cfg = {
+        "name": "jobtest",
+        "storage_path": str(tmp_path / "ray"),
+        "output_dir": str(tmp_path / "runs"),
+        "read": {"uri": str(corpus)},
+        "corrupt": {"max_length": 32},
+        "model": {"name_or_path": tiny_bert_dir},
+        "train": {"batch_size": 4, "max_steps": 4, "lr": 1e-3, "report_every": 2},
+        "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5},
+        "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16", "STSB-test"], "num_cpus": 1},
+        **overrides,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_job_runs_end_to_end_under_job_submission(ray_head, tiny_bert_dir, tmp_path):
+    config = _config(tmp_path, tiny_bert_dir)
+    spec = {"entrypoint": f"{sys.executable} -m jobs.run --config {config}",
+            "runtime_env": {"working_dir": str(ROOT), "excludes": [".venv", "runs", ".git"]}}
+    job_id = _client(ray_head, "submit", json.dumps(spec))["job_id"]
+    info = _client(ray_head, "wait", job_id)
+    assert info["status"] == "SUCCEEDED", info["logs"][-4000:]
+    assert info["driver_exit_code"] == 0
+    assert "stage: train" in info["logs"] and "stage: evaluate trained model" in info["logs"]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["before"]["tasks"]) == set(report["after"]["tasks"]) == {"STS16", "STSB-test"}
+    assert report["meta"]["train"]["replicas_identical"] is True
+    assert (run_dir / "report.md").exists() and (run_dir / "encoder" / "modules.json").exists()
+
+
+def test_bad_config_gives_its_exit_code_through_the_cli(ray_head, tiny_bert_dir, tmp_path):
+    address, env = ray_head
+    config = _config(tmp_path, tiny_bert_dir, train={"learning_rate": 0.1})
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+         "--working-dir", str(ROOT), "--", sys.executable, "-m", "jobs.run", "--config", str(config)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert cli.returncode == 1  # the CLI says only "failed"; the client has the driver's own exit code
+    assert "train.learning_rate" in cli.stdout + cli.stderr
+    (job,) = [j for j in _client(ray_head, "list") if str(config) in j["entrypoint"]]
+    assert job["status"] == "FAILED" and job["driver_exit_code"] == 2
