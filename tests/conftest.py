@@ -54,3 +54,16 @@ def ray_local():
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout_dir(tiny_bert_dir, tmp_path_factory) -> str:
+    """The tiny BERT with dropout off: runs with different worker layouts can then match exactly."""
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    config = AutoConfig.from_pretrained(tiny_bert_dir)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    BertModel.from_pretrained(tiny_bert_dir, config=config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
+    return str(path)

@@ -1,14 +1,17 @@
-"""The TSDAE training loop, run by every Ray Train worker, and the helpers it is built from."""
+"""The TSDAE training loop, run by every Ray Train worker, and the small helpers it is built from."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -17,6 +20,26 @@ from tsdae.export import export_decoder, export_encoder
 from tsdae.model import build_tsdae
 
 STATE_FILE = "state.pt"
+COMPLETE_FILE = "complete.json"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
+    """Multiplier of the base learning rate before optimizer step `step` (0-based): linear warmup over
+    warmup_steps, then constant, linear decay to 0 or cosine decay to 0 at total_steps."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or not total_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed for dropout at (rank, step): derived, so a restarted run draws the same masks."""
+    return int(np.random.SeedSequence((seed, rank, step)).generate_state(1)[0])
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -26,6 +49,27 @@ def parameter_digest(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def rank_batches(shard, global_batch: int, rank: int, world: int, deterministic: bool):
+    """Yield this rank's rows of every global batch (dicts of numpy columns, global_batch/world rows).
+
+    deterministic: the shard is the whole ordered stream on every rank; rank r takes rows
+    [r·b, (r+1)·b) of each global batch. Otherwise the shard is this rank's equal share of the stream
+    and is cut into batches of b rows. A final incomplete global batch is dropped on every rank, so
+    all ranks run the same number of steps.
+    """
+    per_rank = global_batch // world
+    if deterministic:
+        for batch in shard.iter_batches(batch_size=global_batch, batch_format="numpy", drop_last=True):
+            yield {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+    else:
+        yield from shard.iter_batches(batch_size=per_rank, batch_format="numpy", drop_last=True)
+
+
+def _label_tokens(target_ids) -> int:
+    """Labels of unpadded target rows: a row of n tokens yields n-1 labels (none of them padding)."""
+    return int(sum(len(t) - 1 for t in target_ids))
 
 
 def _all_gather(obj) -> list:
@@ -43,8 +87,22 @@ def _sum_across_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _save_state(path: Path, model, optimizer, step: int) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path / STATE_FILE)
+def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, step: int, max_length: int,
+                    position: dict) -> None:
+    """Write a checkpoint directory; `complete.json` is written last, so a directory without it was
+    cut off while being written and is never loaded."""
+    tmp = path / (STATE_FILE + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "position": position}, tmp)
+    os.replace(tmp, path / STATE_FILE)
+    export_encoder(model, tokenizer, path / "encoder", max_seq_length=max_length)
+    (path / COMPLETE_FILE).write_text(json.dumps({"step": step, "position": position}) + "\n")
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not (path / COMPLETE_FILE).exists():
+        raise RuntimeError(f"checkpoint {path} is incomplete (no {COMPLETE_FILE}); refusing to resume from it")
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
@@ -54,119 +112,149 @@ def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
     ray.train.report(metrics, checkpoint=checkpoint)
 
 
+# ------------------------------------------------------------------------------------------- the loop
 def train_loop_per_worker(config: dict) -> None:
-    """Train TSDAE on this worker's shard of the "train" dataset.
+    """Train TSDAE on this worker's part of the "train" dataset.
 
     config: {"model": ModelConfig, "train": TrainConfig, "max_length": int, "threads": int,
-    "steps_per_epoch": int | None (for progress and max-steps bookkeeping)}.
-    The dataset rows carry `noisy_ids` and `target_ids` (token id lists, no padding); the collate
-    function pads them on the right. Every rank sees the same number of batches (equal split), so the
-    DDP all-reduces line up. Rank 0 reports checkpoints: `state.pt` (model, optimizer, step), and at the
-    end `encoder/` (sentence-transformers + Hugging Face), `decoder/`, `metrics.jsonl`, `summary.json`.
+    "steps_per_epoch": int, "fault_at_step": int | None (tests: kill rank 1 once at that step)}.
+    Rows carry `noisy_ids` and `target_ids` (token id lists, no padding); `pad_batch` pads them on
+    the right. Rank 0 reports checkpoints (`state.pt` with model, optimizer, scheduler, step and data
+    position; `encoder/`; `complete.json` last) and at the end also `decoder/`, `metrics.jsonl`,
+    `summary.json`.
     """
     import ray.train
     import ray.train.torch
 
-    from pipeline import make_collate_fn
+    from pipeline.batching import pad_batch
 
     model_cfg: ModelConfig = config["model"]
     train_cfg: TrainConfig = config["train"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(train_cfg.seed)  # same decoder-only init on every rank (DDP also broadcasts rank 0's)
+    micro, accum = train_cfg.per_worker_batch(world)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+    steps_per_epoch = config["steps_per_epoch"]
+    total_steps = train_cfg.max_steps or steps_per_epoch * train_cfg.epochs
 
-    # 1. Build: model (restored from the last checkpoint if Ray restarted us), DDP, optimizer.
+    # 1. Build: model (restored from the last checkpoint if Ray restarted us), DDP, optimizer, schedule.
+    torch.manual_seed(train_cfg.seed)  # decoder-only weights start equal on every rank
     model, tokenizer = build_tsdae(model_cfg)
-    step, state = 0, None
+    pad_id = tokenizer.pad_token_id
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = load_checkpoint(Path(d))
         model.load_state_dict(state["model"])
-        step = state["step"]
     ddp_model = ray.train.torch.prepare_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, train_cfg.schedule, train_cfg.warmup_steps, total_steps))
+    step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if rank == 0:
+            print(f"[train] resumed at step {step} (data position {state['position']})", flush=True)
     model.train()
 
-    # 2. Data: this rank's shard, right-padded batches; skip what a restored run already trained on.
+    # 2. Data: this rank's rows of each global batch; a resumed run skips the batches already trained.
     shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(
-        batch_size=train_cfg.batch_size, collate_fn=make_collate_fn(tokenizer.pad_token_id), drop_last=False
-    )
-    steps_per_epoch = config.get("steps_per_epoch")
-    total_steps = train_cfg.max_steps or (steps_per_epoch * train_cfg.epochs if steps_per_epoch else None)
+    batches = rank_batches(shard, train_cfg.global_batch_size, rank, world, train_cfg.deterministic)
+    history: list[dict] = []
+    window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "t": time.perf_counter()}
+    rows_trained = 0
+    start_step = step
 
     # 3. Train.
-    history: list[dict] = []
-    window_loss = torch.zeros((), device=device)
-    window_steps = window_sentences = window_tokens = 0
-    rows_trained = 0
-    t_window = time.perf_counter()
-    resumed_from = step
-    for batch_index, batch in enumerate(batches):
-        if batch_index < resumed_from:
-            continue
-        if train_cfg.max_steps and step >= train_cfg.max_steps:
+    for index, batch in enumerate(batches):
+        if index < start_step:
+            continue  # data position: the same global batches were trained before the restart
+        if step >= total_steps:
             break
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = ddp_model(batch["noisy_input_ids"], batch["noisy_attention_mask"], batch["target_ids"])
+        if config.get("fault_at_step") == step and state is None and rank == min(1, world - 1):
+            os._exit(1)  # injected worker crash (tests): only on the first attempt
+        torch.manual_seed(step_seed(train_cfg.seed, rank, step))
+        # The loss is the mean over all label tokens of the global batch: each micro-batch adds its
+        # token-sum / global token count; ×world undoes DDP's averaging of gradients over ranks.
+        local_tokens = _label_tokens(batch["target_ids"])
+        global_tokens = _sum_across_ranks([local_tokens], device)[0] if world > 1 else local_tokens
+        step_loss = torch.zeros((), device=device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for m in range(accum):
+            part = {k: v[m * micro:(m + 1) * micro] for k, v in batch.items()}
+            tensors = {k: t.to(device, non_blocking=True) for k, t in pad_batch(part, pad_id).items()}
+            n_labels = int((tensors["target_ids"][:, 1:] != pad_id).sum())
+            sync = m == accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                mean_loss = ddp_model(tensors["noisy_input_ids"], tensors["noisy_attention_mask"],
+                                      tensors["target_ids"])
+                loss = mean_loss * (n_labels * world / global_tokens)
+            loss.backward()
+            step_loss += loss.detach() / world
         if train_cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
         optimizer.step()
+        scheduler.step()
         step += 1
-        window_loss += loss.detach()
-        window_steps += 1
-        n = batch["target_ids"].shape[0]
-        window_sentences += n
+        n = len(batch["target_ids"])
         rows_trained += n
-        window_tokens += int((batch["target_ids"] != tokenizer.pad_token_id).sum())
+        window["loss"] += step_loss  # a tensor: no device sync until the report
+        window["steps"] += 1
+        window["sentences"] += n
+        window["tokens"] += local_tokens + n
 
-        checkpoint_now = train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0
+        # The last step's checkpoint is the final one, written below with the export.
+        checkpoint_now = bool(train_cfg.checkpoint_every) and step % train_cfg.checkpoint_every == 0 \
+            and step < total_steps
         if step % train_cfg.report_every == 0 or checkpoint_now:
             loss_sum, sentences, tokens = _sum_across_ranks(
-                [window_loss.item(), window_sentences, window_tokens], device
-            )
+                [float(window["loss"]), window["sentences"], window["tokens"]], device)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"non-finite loss at step {step} (rank {rank})")
-            seconds = time.perf_counter() - t_window
+            seconds = time.perf_counter() - window["t"]
             metrics = {
                 "step": step,
-                "epoch": (step - 1) // steps_per_epoch if steps_per_epoch else 0,
-                "loss": loss_sum / (window_steps * world),
-                "lr": optimizer.param_groups[0]["lr"],
+                "epoch": (step - 1) // steps_per_epoch,
+                "loss": loss_sum / window["steps"],
+                "lr": scheduler.get_last_lr()[0],
                 "sentences_per_s": sentences / seconds,
                 "tokens_per_s": tokens / seconds,
+                "world_size": world,
             }
             history.append(metrics)
             if rank == 0:
-                progress = f"{step}/{total_steps}" if total_steps else f"{step}"
-                print(f"[train] step {progress} loss {metrics['loss']:.4f} "
+                print(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                       f"{metrics['sentences_per_s']:.1f} sentences/s {metrics['tokens_per_s']:.0f} tokens/s",
                       flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt_dir = None
                 if checkpoint_now and rank == 0:
                     ckpt_dir = Path(tmp)
-                    _save_state(ckpt_dir, model, optimizer, step)
+                    position = {"global_batches": step, "rows": step * train_cfg.global_batch_size}
+                    save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, step,
+                                    config["max_length"], position)
                 _report(metrics, ckpt_dir)
-            window_loss.zero_()
-            window_steps = window_sentences = window_tokens = 0
-            t_window = time.perf_counter()
+            window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "t": time.perf_counter()}
 
-    # 4. Finish: prove the replicas are identical, then rank 0 writes the final checkpoint and export.
+    # 4. Finish: prove the replicas are identical, then rank 0 adds the decoder and the record.
     digests = _all_gather(parameter_digest(model))
     rows_per_rank = _all_gather(rows_trained)
     summary = {
         "steps": step,
         "world_size": world,
+        "global_batch_size": train_cfg.global_batch_size,
+        "micro_batch_size": micro,
+        "accumulation": accum,
+        "precision": "bf16" if bf16 else "fp32",
+        "resumed_from_step": start_step,
         "rows_trained_per_rank": rows_per_rank,
         "replicas_identical": len(set(digests)) == 1,
         "parameter_digests": digests,
@@ -178,9 +266,9 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt_dir = None
         if rank == 0:
             ckpt_dir = Path(tmp)
-            _save_state(ckpt_dir, model, optimizer, step)
             model.eval()
-            export_encoder(model, tokenizer, ckpt_dir / "encoder", max_seq_length=config["max_length"])
+            position = {"global_batches": step, "rows": step * train_cfg.global_batch_size}
+            save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, step, config["max_length"], position)
             export_decoder(model, tokenizer, ckpt_dir / "decoder")
             (ckpt_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
             (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,9 +13,14 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAYON_N
 
 
 def steps_per_epoch(rows: int, scale: ScaleConfig, train: TrainConfig) -> int:
-    """Optimizer steps per epoch on every rank: the equal split gives each rank rows // world rows."""
-    per_rank = rows // scale.num_workers
-    return max(1, -(-per_rank // train.batch_size))
+    """Optimizer steps per epoch, the same on every rank: full global batches only (the incomplete
+    last one is dropped). With an equal split each rank gets rows // world rows of the stream."""
+    world = scale.num_workers
+    per_rank = train.global_batch_size // world
+    steps = rows // train.global_batch_size if train.deterministic else (rows // world) // per_rank
+    if steps < 1:
+        raise ValueError(f"{rows} rows make no full global batch of {train.global_batch_size}")
+    return steps
 
 
 def build_trainer(
@@ -28,14 +33,24 @@ def build_trainer(
     rows: int,
     name: str,
     storage_path: str,
-    max_failures: int = 0,
+    fault_at_step: int | None = None,
 ):
-    """A TorchTrainer for one run; `name` must be unique per launch (a same-named run resumes)."""
+    """A TorchTrainer for one run; `name` must be unique per launch (a same-named run resumes).
+
+    fault_at_step: for failure-handling tests only; rank 1 kills its own process once at that step.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    train.per_worker_batch(scale.num_workers)  # fail now, not on the workers, if the batch cannot split
+    if scale.min_workers is not None:
+        train.per_worker_batch(scale.min_workers)
     if "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
+    if train.deterministic:
+        # One ordered stream, read whole by every worker; each takes its rows of every global batch.
+        dataset.context.execution_options.preserve_order = True
+    workers = scale.num_workers if scale.min_workers is None else (scale.min_workers, scale.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -44,17 +59,19 @@ def build_trainer(
             "max_length": max_length,
             "threads": max(1, int(scale.cpus_per_worker)),
             "steps_per_epoch": steps_per_epoch(rows, scale, train),
+            "fault_at_step": fault_at_step,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scale.num_workers,
+            num_workers=workers,
             use_gpu=scale.use_gpu,
             resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
         ),
         datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if train.deterministic else "all"),
     )
