@@ -3,7 +3,8 @@
     python -m jobs.run --config configs/demo.yaml
     ray job submit --working-dir . -- python -m jobs.run --config configs/gpu-cluster.yaml
 
-Exit codes: 0 success, 2 bad config, 3 bad corpus, 4 training failed, 5 evaluation failed.
+Exit codes: 0 success, 2 bad config, 3 bad corpus, 4 training failed, 5 evaluation failed,
+143 stopped by SIGTERM after a checkpoint (continue with --resume RUN_NAME).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--name", help="run name (default: the config's name); a UTC timestamp is appended")
+    p.add_argument("--resume", metavar="RUN_NAME",
+                   help="continue a stopped or failed run from its last checkpoint (its full name)")
     return p.parse_args(argv)
 
 
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         log.error("bad config: %s", e)
         return EXIT_CONFIG
-    run_name = f"{args.name or cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_name = args.resume or f"{args.name or cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     out_dir = Path(cfg.output_dir) / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run %s → %s", run_name, out_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 from jobs.config import RunConfig
 
 EXIT_CONFIG, EXIT_DATA, EXIT_TRAIN, EXIT_EVAL = 2, 3, 4, 5
+EXIT_STOPPED = 143  # SIGTERM (`ray job stop`, preemption): checkpointed, resumable with --resume
 EXPORTED = ("encoder", "decoder", "metrics.jsonl", "summary.json")
 
 log = logging.getLogger("tsdae")
@@ -100,27 +101,55 @@ def evaluate_stage(label: str, model_ref, pooling: str, eval_cfg, subdir: str | 
 
 
 def train_stage(cfg: RunConfig, rows: int, run_name: str):
-    """Stream, corrupt and tokenize the corpus into Ray Train; returns the Ray Train Result."""
+    """Stream, corrupt and tokenize the corpus into Ray Train; returns the Ray Train Result.
+
+    SIGTERM while training (`ray job stop`, a preempted head) asks the workers to checkpoint and stop;
+    the stage then fails with EXIT_STOPPED and the run resumes with `--resume <run name>`.
+    """
+    import signal
+
     from pipeline import build_train_dataset
     from tsdae.paths import resolve_model_path
-    from tsdae.trainer import build_trainer
+    from tsdae.trainer import build_trainer, request_stop, stop_flag_uri
 
     announce("train")
+    flag = stop_flag_uri(cfg.storage_path, run_name)
+    _clear_stop_flag(flag)  # a resumed run must not stop on the request that stopped it before
     dataset = build_train_dataset(
         cfg.read, cfg.corrupt, resolve_model_path(cfg.model.name_or_path), epochs=cfg.train.epochs,
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
     )
     trainer = build_trainer(
         dataset, model=cfg.model, train=cfg.train, scale=cfg.scale, max_length=cfg.corrupt.max_length,
-        rows=rows, name=run_name, storage_path=cfg.storage_path,
+        rows=rows, name=run_name, storage_path=cfg.storage_path, stop_flag=flag,
     )
+
+    def on_sigterm(signum, frame):
+        log.warning("SIGTERM: asking the workers to checkpoint and stop")
+        request_stop(flag)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; the message carries the worker's traceback
         raise StageError(EXIT_TRAIN, f"training failed: {e}") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if result.error or result.checkpoint is None:
         raise StageError(EXIT_TRAIN, f"training failed: {result.error or 'no checkpoint was reported'}")
+    if (result.metrics or {}).get("stopped"):
+        _clear_stop_flag(flag)
+        raise StageError(EXIT_STOPPED, f"stopped at step {result.metrics['step']}; checkpoint "
+                                       f"{result.checkpoint.path}; resume with --resume {run_name}")
     return result
+
+
+def _clear_stop_flag(flag_uri: str) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(flag_uri)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def export_stage(checkpoint, out_dir: Path) -> dict:

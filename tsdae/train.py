@@ -105,6 +105,20 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def stop_requested(flag_uri: str | None, device) -> bool:
+    """True on every rank if rank 0 sees the stop flag (written by the driver on SIGTERM) or Ray Train
+    announces that a node of this run is about to be preempted. Every rank must call it together."""
+    import fsspec
+    import ray.train
+
+    flag = 0.0
+    if flag_uri and (not dist.is_initialized() or dist.get_rank() == 0):
+        fs, path = fsspec.core.url_to_fs(flag_uri)
+        flag = float(fs.exists(path))
+    preempted = ray.train.get_preemption_info() is not None
+    return _sum_across_ranks([flag], device)[0] > 0 or preempted
+
+
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
     import ray.train
 
@@ -117,7 +131,10 @@ def train_loop_per_worker(config: dict) -> None:
     """Train TSDAE on this worker's part of the "train" dataset.
 
     config: {"model": ModelConfig, "train": TrainConfig, "max_length": int, "threads": int,
-    "steps_per_epoch": int, "fault_at_step": int | None (tests: kill rank 1 once at that step)}.
+    "steps_per_epoch": int, "stop_flag": URI checked at report steps (the driver writes it on SIGTERM),
+    "fault_at_step": int | None (tests: kill rank 1 once at that step)}.
+    On a stop request or an announced preemption the loop checkpoints at once and ends early with
+    `summary["stopped"]`; rerunning with the same run name resumes from that checkpoint.
     Rows carry `noisy_ids` and `target_ids` (token id lists, no padding); `pad_batch` pads them on
     the right. Rank 0 reports checkpoints (`state.pt` with model, optimizer, scheduler, step and data
     position; `encoder/`; `complete.json` last) and at the end also `decoder/`, `metrics.jsonl`,
@@ -171,6 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
     window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "t": time.perf_counter()}
     rows_trained = 0
     start_step = step
+    stopped = False
 
     # 3. Train.
     for index, batch in enumerate(batches):
@@ -215,6 +233,8 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint_now = bool(train_cfg.checkpoint_every) and step % train_cfg.checkpoint_every == 0 \
             and step < total_steps
         if step % train_cfg.report_every == 0 or checkpoint_now:
+            stopped = stop_requested(config.get("stop_flag"), device) and step < total_steps
+            checkpoint_now = checkpoint_now or stopped
             loss_sum, sentences, tokens = _sum_across_ranks(
                 [float(window["loss"]), window["sentences"], window["tokens"]], device)
             if not math.isfinite(loss_sum):
@@ -243,6 +263,10 @@ def train_loop_per_worker(config: dict) -> None:
                                     config["max_length"], position)
                 _report(metrics, ckpt_dir)
             window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "t": time.perf_counter()}
+            if stopped:
+                if rank == 0:
+                    print(f"[train] stop requested: checkpointed at step {step}", flush=True)
+                break
 
     # 4. Finish: prove the replicas are identical, then rank 0 adds the decoder and the record.
     digests = _all_gather(parameter_digest(model))
@@ -255,6 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
         "accumulation": accum,
         "precision": "bf16" if bf16 else "fp32",
         "resumed_from_step": start_step,
+        "stopped": stopped,
         "rows_trained_per_rank": rows_per_rank,
         "replicas_identical": len(set(digests)) == 1,
         "parameter_digests": digests,
@@ -262,6 +287,9 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         print(f"[train] done: {step} steps, rows per rank {rows_per_rank}, "
               f"replicas identical: {summary['replicas_identical']}", flush=True)
+    if stopped:  # the stop checkpoint above is the one to resume from
+        _report({"step": step, "final": True, "stopped": True}, None)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = None
         if rank == 0:

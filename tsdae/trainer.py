@@ -33,10 +33,12 @@ def build_trainer(
     rows: int,
     name: str,
     storage_path: str,
+    stop_flag: str | None = None,
     fault_at_step: int | None = None,
 ):
     """A TorchTrainer for one run; `name` must be unique per launch (a same-named run resumes).
 
+    stop_flag: a file URI; when it appears the workers checkpoint and stop early (see request_stop).
     fault_at_step: for failure-handling tests only; rank 1 kills its own process once at that step.
     """
     import ray.train
@@ -60,6 +62,7 @@ def build_trainer(
             "threads": max(1, int(scale.cpus_per_worker)),
             "steps_per_epoch": steps_per_epoch(rows, scale, train),
             "fault_at_step": fault_at_step,
+            "stop_flag": stop_flag,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
@@ -75,3 +78,17 @@ def build_trainer(
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[] if train.deterministic else "all"),
     )
+
+
+def stop_flag_uri(storage_path: str, run_name: str) -> str:
+    """Where the driver asks a run's workers to checkpoint and stop."""
+    base = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    return f"{base.rstrip('/')}/{run_name}/STOP"
+
+
+def request_stop(flag_uri: str) -> None:
+    """Ask the workers of a run to checkpoint at their next report step and stop (SIGTERM handler)."""
+    import fsspec
+
+    with fsspec.open(flag_uri, "w", auto_mkdir=True) as f:
+        f.write("stop requested\n")
