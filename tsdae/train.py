@@ -248,6 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "sentences_per_s": sentences / seconds,
                 "tokens_per_s": tokens / seconds,
                 "world_size": world,
+                "stopped": stopped,
             }
             history.append(metrics)
             if rank == 0:
@@ -287,8 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         print(f"[train] done: {step} steps, rows per rank {rows_per_rank}, "
               f"replicas identical: {summary['replicas_identical']}", flush=True)
-    if stopped:  # the stop checkpoint above is the one to resume from
-        _report({"step": step, "final": True, "stopped": True}, None)
+    if stopped:  # the stop checkpoint above (its metrics say "stopped") is the one to resume from
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = None
