@@ -12,6 +12,8 @@ _EXPORTS = {
     "corpus_stats": "pipeline.read",
     "make_collate_fn": "pipeline.batching",
     "read_corpus": "pipeline.read",
+    "read_prepared": "pipeline.dataset",
+    "write_prepared": "pipeline.dataset",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,17 +20,40 @@ def pad_batch(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tens
     also when all rows have the same length), a 2-D int array (a fixed-shape tensor column), a pyarrow
     list array, or a list of lists. Other columns are ignored.
     Out: ``noisy_input_ids`` (long, B×Tn), ``noisy_attention_mask`` (long, B×Tn, 1 = real token),
-    ``target_ids`` (long, B×Tt, pad_id after each row's tokens).
+    ``target_ids`` (long, B×Tt, pad_id after each row's tokens), and ``epoch`` (long, B) when the batch
+    has an ``epoch`` column (for per-epoch row accounting in the train loop).
     Raises AssertionError if a row holds pad_id before a real token (left or inner padding); trailing
     pad_ids in a row are treated as padding.
     """
     noisy_BT, noisy_mask_BT = _right_pad(batch["noisy_ids"], pad_id, "noisy_ids")
     target_BT, _ = _right_pad(batch["target_ids"], pad_id, "target_ids")
-    return {
+    out = {
         "noisy_input_ids": torch.from_numpy(noisy_BT),
         "noisy_attention_mask": torch.from_numpy(noisy_mask_BT),
         "target_ids": torch.from_numpy(target_BT),
     }
+    if "epoch" in batch:
+        out["epoch"] = torch.from_numpy(np.asarray(batch["epoch"], dtype=np.int64))
+    return out
+
+
+def padding_fraction(lengths: np.ndarray, batch_size: int) -> float:
+    """Pad tokens / all tokens when consecutive rows of the given lengths are cut into batches of
+    batch_size and each batch is right-padded to its longest row (what pad_batch does)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return 0.0
+    starts = np.arange(0, lengths.size, batch_size)
+    widths = np.maximum.reduceat(lengths, starts)
+    rows = np.diff(np.append(starts, lengths.size))
+    total = int((widths * rows).sum())
+    return 1.0 - int(lengths.sum()) / total
+
+
+def epoch_counts(epoch_B: torch.Tensor) -> dict[int, int]:
+    """Rows per epoch in one collated batch: {epoch: rows}. The train loop adds these up per rank."""
+    epochs, counts = torch.unique(epoch_B, return_counts=True)
+    return {int(e): int(c) for e, c in zip(epochs.tolist(), counts.tolist())}
 
 
 class PadCollate(NumpyBatchCollateFn):

@@ -2,42 +2,106 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+from pipeline.noise import Noise
+
+ON_BAD_FILE = ("fail", "skip")
+FILTER_OPS = ("==", "!=", ">=", "<=", ">", "<")
+_FILTER = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True)
 class ReadConfig:
-    """Where the corpus is and which column holds the sentences.
+    """Where the corpus is, which column holds the sentences, and what to do with bad input.
 
-    uri: any fsspec/pyarrow URI of parquet data: a file, a directory, a glob (local, s3://, gs://,
-    memory://), or a list of them.
+    uri: any fsspec URI of parquet data: a file, a directory (searched recursively), a glob, or a list
+      of them; local paths, s3://, gs:// and the other fsspec protocols whose package is installed.
+      Not memory://: an in-memory filesystem lives in one process, and Ray's read tasks run in others.
+    text_column: the string column with one sentence per row.
+    filters: conditions on hive partition folders (``date=2026-11-01/part-0.parquet``), each
+      ``"<column> <op> <value>"`` with op one of == != >= <= > <, e.g. ``["date >= 2026-11-01"]``. Applied
+      to the file list before anything is read; values compare as numbers when both sides are numbers,
+      else as strings (ISO dates compare correctly as strings). A file without the column is an error.
+    on_bad_file: ``fail`` (default): an unreadable or truncated parquet file stops the job, naming it.
+      ``skip``: the file is left out and listed with the reason in the corpus stats / run report.
+      A missing or non-string text column is always an error: that is a wrong config, not a bad file.
+    max_chars: longer texts are cut to this many characters (at a whitespace boundary when there is
+      one) and counted as ``truncated``.
     """
 
     uri: str | list[str] = "data/corpus/demo.parquet"
     text_column: str = "text"
+    filters: list[str] = field(default_factory=list)
+    on_bad_file: str = "fail"
+    max_chars: int = 2000
 
     def __post_init__(self):
         if not self.uri:
             raise ValueError("read.uri must name a parquet file, directory or glob")
+        for uri in [self.uri] if isinstance(self.uri, str) else self.uri:
+            if uri.startswith("memory://"):
+                raise ValueError(f"read.uri {uri!r}: memory:// is in-process and Ray reads run in other "
+                                 "processes; write the corpus to a local path or an object store")
         if not self.text_column:
             raise ValueError("read.text_column must not be empty")
+        if self.on_bad_file not in ON_BAD_FILE:
+            raise ValueError(f"read.on_bad_file must be one of {ON_BAD_FILE}, got {self.on_bad_file!r}")
+        if self.max_chars < 1:
+            raise ValueError(f"read.max_chars must be >= 1, got {self.max_chars}")
+        for f in self.filters:
+            parse_filter(f)
+
+    def parsed_filters(self) -> list[tuple[str, str, str]]:
+        return [parse_filter(f) for f in self.filters]
+
+
+def parse_filter(text: str) -> tuple[str, str, str]:
+    """``"date >= 2026-11-01"`` -> ("date", ">=", "2026-11-01"); quotes around the value are dropped."""
+    m = _FILTER.match(text)
+    if not m:
+        raise ValueError(f"read.filters: cannot parse {text!r}; expected '<column> <op> <value>' with op "
+                         f"one of {FILTER_OPS}")
+    column, op, value = m.groups()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return column, op, value
 
 
 @dataclass(frozen=True)
 class CorruptConfig:
-    """TSDAE input noise and tokenization.
+    """TSDAE input noise, tokenization and length grouping.
 
     del_ratio: fraction of words *deleted* (the paper's 0.6), per word, at least one word kept.
+    substitute_ratio, mask_ratio, swap_ratio, insert_ratio: the paper's other noise types, per word,
+      0 = off; any combination with deletion (see pipeline.noise.Noise for the order and contracts).
     seed: the noise for a sentence is a pure function of (seed, epoch, row key).
     max_length: token cap for both the noisy input and the reconstruction target.
+    length_window: length-aware batching: rows are sorted by token length in windows of
+      length_window × batch_size rows, so a training batch holds sentences of similar length
+      (little padding); 0 turns it off. Needs the batch size (build_train_dataset(batch_size=...)).
     """
 
     del_ratio: float = 0.6
+    substitute_ratio: float = 0.0
+    mask_ratio: float = 0.0
+    swap_ratio: float = 0.0
+    insert_ratio: float = 0.0
     seed: int = 0
     max_length: int = 128
+    length_window: int = 32
 
     def __post_init__(self):
-        if not 0.0 <= self.del_ratio < 1.0:
-            raise ValueError(f"corrupt.del_ratio must be in [0, 1), got {self.del_ratio}")
+        for name in ("del_ratio", "substitute_ratio", "mask_ratio", "swap_ratio", "insert_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"corrupt.{name} must be in [0, 1), got {value}")
         if self.max_length < 4:
             raise ValueError(f"corrupt.max_length must be >= 4, got {self.max_length}")
+        if self.length_window < 0:
+            raise ValueError(f"corrupt.length_window must be >= 0, got {self.length_window}")
+
+    def noise(self) -> Noise:
+        return Noise(delete=self.del_ratio, substitute=self.substitute_ratio, mask=self.mask_ratio,
+                     swap=self.swap_ratio, insert=self.insert_ratio)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 import ray
 
 from pipeline.config import CorruptConfig, ReadConfig
 from pipeline.preprocess import CorruptAndTokenize
 from pipeline.read import read_corpus
 
-# Rows per tokenizer call in an actor: big enough to amortize the Python overhead of a batched call,
-# small enough that a block is split into several calls and the stream keeps moving.
-TOKENIZE_BATCH_ROWS = 512
+# Rows per tokenizer call in an actor when there is no length grouping: big enough to amortize the
+# Python overhead of a batched call (512 rows: ~9.5k sentences/s, 2048: ~16.7k wall on one busy core),
+# small enough that a file is split into several calls and the stream keeps moving.
+TOKENIZE_BATCH_ROWS = 2048
+PREPARED_COLUMNS = ("row_key", "epoch", "noisy_ids", "target_ids")
 
 
 def build_train_dataset(
@@ -23,23 +24,26 @@ def build_train_dataset(
     cpus_per_actor: float,
     *,
     start_epoch: int = 0,
+    batch_size: int | None = None,
 ) -> ray.data.Dataset:
     """Rows ``row_key`` (uint64), ``epoch`` (int64), ``noisy_ids`` and ``target_ids`` (list<int32>,
     unpadded, with [CLS]/[SEP]) for epochs start_epoch .. start_epoch+epochs-1: every kept corpus row
     once per epoch, with that epoch's noise, a pure function of (corrupt_cfg.seed, epoch, row_key).
 
-    Validates the corpus now (CorpusError before anything streams). Lazy otherwise: nothing runs until
-    the dataset is iterated.
+    Checks the corpus now (CorpusError before anything streams). Lazy otherwise: nothing runs until
+    the dataset is iterated, and then it streams: no stage ever holds the whole corpus.
 
-    Shape of the plan: one read per epoch, each tagged with its epoch, unioned, then ONE pool of
-    num_actors CorruptAndTokenize actors that takes the epoch from each row. Not one actor map per
-    epoch: Ray runs all inputs of a union at once, so that would start epochs × num_actors actors.
+    Shape of the plan: ONE read whose tasks go epoch by epoch, file by file (rows tagged with their
+    epoch), then ONE pool of num_actors CorruptAndTokenize actors, each with cpus_per_actor Ray CPUs,
+    so preprocessing runs on CPUs that Ray Train has not reserved for its workers. Read tasks are
+    started in order, so epochs follow each other in the stream except for the overlap of in-flight
+    tasks at a boundary; rows carry their ``epoch``. Where epoch boundaries must be exact (per-epoch
+    checkpoints, per-epoch equal splits), build one dataset per epoch: ``epochs=1, start_epoch=e``.
 
-    Order: Ray 2.60's union does not concatenate. Without preserve_order it emits blocks as they
-    finish, with preserve_order it round-robins one block per input, so epochs interleave in the
-    stream either way (checked in ray/data/_internal/execution/operators/union_operator.py). Rows carry
-    their ``epoch``; where epoch boundaries must be exact (per-epoch checkpoints), build one dataset
-    per epoch instead: ``build_train_dataset(..., epochs=1, start_epoch=e)``.
+    batch_size: the per-worker training batch size. With it (and corrupt_cfg.length_window > 0) the
+    actors sort each window of length_window × batch_size rows by token length, longest first, so the
+    consecutive rows that iter_torch_batches puts in one batch have similar lengths (less padding;
+    benchmarks/corpus.py measures it). Without it rows keep their read order.
 
     cpus_per_actor: Ray CPUs reserved per actor; the fast tokenizer's Rust thread pool is capped to the
     same number (RAYON_NUM_THREADS) so the actors use what Ray accounts for, no more.
@@ -48,25 +52,21 @@ def build_train_dataset(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if num_actors < 1 or cpus_per_actor <= 0:
         raise ValueError(f"need num_actors >= 1 and cpus_per_actor > 0, got {num_actors}, {cpus_per_actor}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    # One read (and one footer check) per epoch: a branch of a union must be its own operator chain.
-    per_epoch = [
-        read_corpus(read_cfg).map_batches(
-            _with_epoch, batch_format="pyarrow", batch_size=None, fn_kwargs={"epoch": e},
-            udf_modifying_row_count=False,
-        )
-        for e in range(start_epoch, start_epoch + epochs)
-    ]
-    stream = per_epoch[0].union(*per_epoch[1:]) if epochs > 1 else per_epoch[0]
-
+    stream = read_corpus(read_cfg, epochs=list(range(start_epoch, start_epoch + epochs)))
+    length_sort = bool(batch_size and corrupt_cfg.length_window)
+    rows_per_call = batch_size * corrupt_cfg.length_window if length_sort else TOKENIZE_BATCH_ROWS
     threads = max(1, int(cpus_per_actor))
     return stream.map_batches(
         CorruptAndTokenize,
-        fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "cfg": corrupt_cfg, "epoch": None},
+        fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "cfg": corrupt_cfg, "epoch": None,
+                               "length_sort": length_sort},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         batch_format="pyarrow",
-        batch_size=TOKENIZE_BATCH_ROWS,
+        batch_size=rows_per_call,
         udf_modifying_row_count=False,
         runtime_env={"env_vars": {
             "RAYON_NUM_THREADS": str(threads),
@@ -75,6 +75,29 @@ def build_train_dataset(
     )
 
 
-def _with_epoch(table: pa.Table, epoch: int) -> pa.Table:
-    """Block in: text, row_key. Block out: the same plus ``epoch`` (int64)."""
-    return table.append_column("epoch", pa.repeat(pa.scalar(epoch, type=pa.int64()), len(table)))
+def preprocess_actors(cluster_cpus: float, train_cpus: float, cpus_per_actor: float = 1.0,
+                      reserve_for_reads: float = 1.0) -> int:
+    """How many tokenizer actors fit beside the training workers: the CPUs Ray Train has not reserved,
+    less reserve_for_reads for the read tasks, divided by cpus_per_actor; at least one."""
+    free = cluster_cpus - train_cpus - reserve_for_reads
+    return max(1, int(free // cpus_per_actor))
+
+
+def write_prepared(dataset: ray.data.Dataset, output_uri: str) -> None:
+    """Write a build_train_dataset stream as parquet shards (PREPARED_COLUMNS) under output_uri."""
+    dataset.select_columns(list(PREPARED_COLUMNS)).write_parquet(output_uri)
+
+
+def read_prepared(uri: str, epochs: list[int] | None = None) -> ray.data.Dataset:
+    """Read shards written by write_prepared back as a training stream (same rows, same columns),
+    optionally only some epochs. Streams; no tokenizer needed."""
+    ds = ray.data.read_parquet(uri)
+    missing = set(PREPARED_COLUMNS) - set(ds.schema().names)
+    if missing:
+        from pipeline.read import CorpusError
+
+        raise CorpusError(f"{uri}: not prepared shards, missing columns {sorted(missing)}")
+    if epochs is not None:
+        wanted = set(epochs)
+        ds = ds.filter(lambda row: row["epoch"] in wanted)
+    return ds.select_columns(list(PREPARED_COLUMNS))

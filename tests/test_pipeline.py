@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from hashlib import blake2b
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -56,14 +57,18 @@ def one_file_rows(corpus, tiny_bert_dir, ray_local):
     return _rows(ds)
 
 
-def test_counts_and_drops_null_empty_and_blank_rows(tmp_path, ray_local):
-    texts = ["keep me", None, "", "   ", "\t\n", "and me too", None, " padded but real "]
-    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "n": list(range(len(texts)))}),
-                   tmp_path / "dirty.parquet")
-    cfg = ReadConfig(uri=str(tmp_path / "dirty.parquet"))
-    assert corpus_stats(cfg) == {"rows_read": 8, "dropped_null": 2, "dropped_empty": 3, "rows_kept": 3}
+def test_counts_drops_and_repairs_every_kind_of_bad_text(tmp_path, ray_local):
+    raw = [b"keep me", None, b"", b"   ", b"\t\n", b"and me too", b"bad \xff\xfe bytes", b" padded but real ",
+           b"\x00\x01", ("long " * 10).encode()]
+    # A writer can store any bytes under a string type; pyarrow does not check them on read.
+    text = pa.array(raw, pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": text, "n": list(range(len(raw)))}), tmp_path / "dirty.parquet")
+    cfg = ReadConfig(uri=str(tmp_path / "dirty.parquet"), max_chars=12)
+    assert corpus_stats(cfg) == {"rows_read": 10, "dropped_null": 1, "dropped_invalid_utf8": 1,
+                                 "dropped_empty": 4, "truncated": 2, "rows_kept": 4, "files": 1,
+                                 "files_skipped": []}
     rows = read_corpus(cfg).take_all()
-    assert sorted(r["text"] for r in rows) == [" padded but real ", "and me too", "keep me"]
+    assert sorted(r["text"] for r in rows) == [" padded but", "and me too", "keep me", "long long"]
     assert set(rows[0]) == {"text", "row_key"}
     assert read_corpus(cfg).schema().types[1] == pa.uint64()
     for r in rows:
@@ -88,6 +93,37 @@ def test_unreadable_file_is_named(tmp_path, damage):
     (tmp_path / "bad.parquet").write_bytes(bad)
     with pytest.raises(CorpusError, match=r"bad\.parquet: not a readable parquet file"):
         read_corpus(ReadConfig(uri=[str(tmp_path / "good.parquet"), str(tmp_path / "bad.parquet")]))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_file_is_skipped_and_reported_with_skip(tmp_path, damage, ray_local):
+    pq.write_table(pa.table({"text": [f"fine {i}" for i in range(100)]}), tmp_path / "good.parquet")
+    good = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet" if damage == "garbage" else good[: len(good) // 2])
+    cfg = ReadConfig(uri=str(tmp_path), on_bad_file="skip")
+    stats = corpus_stats(cfg)
+    assert stats["rows_kept"] == 100 and stats["files"] == 1
+    [skipped] = stats["files_skipped"]
+    assert skipped["path"].endswith("bad.parquet") and "not a readable parquet file" in skipped["reason"]
+    assert read_corpus(cfg).count() == 100
+
+
+def test_damaged_data_pages_fail_or_skip_at_read_time(tmp_path, ray_local):
+    # A valid footer over damaged column data: only reading the pages finds it.
+    texts = [f"sentence number {i} " * 3 for i in range(2000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet", compression="snappy", row_group_size=500)
+    data = bytearray((tmp_path / "a.parquet").read_bytes())
+    meta = pq.read_metadata(tmp_path / "a.parquet")
+    column = meta.row_group(3).column(0)
+    start = column.data_page_offset
+    data[start + 10:start + 200] = b"\xff" * 190
+    (tmp_path / "a.parquet").write_bytes(bytes(data))
+    pq.write_table(pa.table({"text": ["other file"]}), tmp_path / "b.parquet")
+    with pytest.raises(Exception, match=r"a\.parquet: damaged parquet data"):
+        corpus_stats(ReadConfig(uri=str(tmp_path)))
+    stats = corpus_stats(ReadConfig(uri=str(tmp_path), on_bad_file="skip"))
+    assert stats["rows_kept"] == 1501  # three good row groups of a.parquet, then b.parquet
+    assert [s["path"].rsplit("/", 1)[1] for s in stats["files_skipped"]] == ["a.parquet"]
 
 
 def test_no_files_names_the_uri(tmp_path):
@@ -115,9 +151,14 @@ def test_targets_decode_to_the_original_and_noise_is_a_subsequence(corpus, one_f
 
 
 def test_noise_depends_on_row_key_and_epoch_only(corpus, one_file_rows, tiny_bert_dir):
-    ds = build_train_dataset(ReadConfig(uri=corpus["three"]), CORRUPT, tiny_bert_dir, epochs=2,
-                             num_actors=2, cpus_per_actor=1)
-    assert _rows(ds) == one_file_rows  # 3 files, 2 actors == 1 file, 1 actor
+    reversed_files = sorted((str(p) for p in Path(corpus["three"]).iterdir()), reverse=True)
+    ds = build_train_dataset(ReadConfig(uri=reversed_files), CORRUPT, tiny_bert_dir, epochs=2,
+                             num_actors=2, cpus_per_actor=1, batch_size=4)
+    assert _rows(ds) == one_file_rows  # 3 files in reverse order, 2 actors, length-sorted == 1 file, 1 actor
+    # A restart at epoch 1 (a fresh dataset, as a resumed job builds it) reproduces epoch 1 exactly.
+    restarted = build_train_dataset(ReadConfig(uri=corpus["one"]), CORRUPT, tiny_bert_dir, epochs=1,
+                                    num_actors=1, cpus_per_actor=1, start_epoch=1)
+    assert _rows(restarted) == {k: v for k, v in one_file_rows.items() if k[1] == 1}
     changed = sum(one_file_rows[k, 0][0] != one_file_rows[k, 1][0] for k in corpus["by_key"])
     assert changed > 0.8 * N_SENTENCES  # fresh noise each epoch
 
@@ -141,3 +182,17 @@ def test_equal_streaming_split_gives_every_rank_the_same_number_of_batches(corpu
     for t in threads:
         t.join(timeout=300)
     assert counts[0] == counts[1] == (5, N_SENTENCES // 2)
+
+
+def test_length_aware_batches_pad_less_than_read_order(corpus, tiny_bert_dir, ray_local):
+    from pipeline.batching import padding_fraction
+
+    def target_lengths(batch_size):
+        ds = build_train_dataset(ReadConfig(uri=corpus["one"]), CORRUPT, tiny_bert_dir, epochs=1,
+                                 num_actors=1, cpus_per_actor=1, batch_size=batch_size)
+        return np.concatenate([[len(t) for t in b["target_ids"]]
+                               for b in ds.iter_batches(batch_size=8, batch_format="numpy")])
+
+    bucketed, plain = target_lengths(8), target_lengths(None)
+    assert sorted(bucketed) == sorted(plain)
+    assert padding_fraction(bucketed, 8) < 0.5 * padding_fraction(plain, 8)
