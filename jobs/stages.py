@@ -61,7 +61,9 @@ def read_stage(cfg: RunConfig) -> dict:
         stats = corpus_stats(cfg.read)
     except CorpusError as e:
         raise StageError(EXIT_DATA, f"bad corpus: {e}") from e
-    log.info("corpus %s: %s", cfg.read.uri, stats)
+    for skipped in stats.get("files_skipped", []):
+        log.warning("skipped corpus file: %s", skipped)
+    log.info("corpus %s: %s", cfg.read.uri, {k: v for k, v in stats.items() if k != "files_skipped"})
     if stats["rows_kept"] < cfg.scale.num_workers:
         raise StageError(EXIT_DATA, f"bad corpus: {stats['rows_kept']} usable rows for "
                                     f"{cfg.scale.num_workers} workers")
@@ -118,6 +120,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str):
     dataset = build_train_dataset(
         cfg.read, cfg.corrupt, resolve_model_path(cfg.model.name_or_path), epochs=cfg.train.epochs,
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
+        batch_size=cfg.train.per_worker_batch(cfg.scale.num_workers)[0],  # length-aware micro-batches
     )
     trainer = build_trainer(
         dataset, model=cfg.model, train=cfg.train, scale=cfg.scale, max_length=cfg.corrupt.max_length,
@@ -182,6 +185,7 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> 
     summary = export_stage(result.checkpoint, out_dir)
     announce("report")
     sentences = sum(summary["rows_trained_per_rank"])
+    available = stats["rows_kept"] * cfg.train.epochs
     meta = {
         "run_name": run_name,
         "config": config_label,
@@ -193,6 +197,8 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> 
             "seconds": round(train_seconds, 1),
             "sentences": sentences,
             "sentences_per_s": round(sentences / train_seconds, 2),
+            # rows of the corpus stream not trained on: the incomplete last global batch, max_steps
+            "rows_not_trained": available - sentences if not cfg.train.max_steps else None,
         },
         "checkpoint": result.checkpoint.path,
         "encoder_dir": str(out_dir / "encoder"),

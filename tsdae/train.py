@@ -187,6 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     history: list[dict] = []
     window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "t": time.perf_counter()}
     rows_trained = 0
+    rows_per_epoch: dict[int, int] = {}
     start_step = step
     stopped = False
 
@@ -224,6 +225,8 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         n = len(batch["target_ids"])
         rows_trained += n
+        for e, count in zip(*np.unique(batch["epoch"], return_counts=True)):
+            rows_per_epoch[int(e)] = rows_per_epoch.get(int(e), 0) + int(count)
         window["loss"] += step_loss  # a tensor: no device sync until the report
         window["steps"] += 1
         window["sentences"] += n
@@ -272,6 +275,7 @@ def train_loop_per_worker(config: dict) -> None:
     # 4. Finish: prove the replicas are identical, then rank 0 adds the decoder and the record.
     digests = _all_gather(parameter_digest(model))
     rows_per_rank = _all_gather(rows_trained)
+    epochs_per_rank = _all_gather(rows_per_epoch)
     summary = {
         "steps": step,
         "world_size": world,
@@ -282,6 +286,8 @@ def train_loop_per_worker(config: dict) -> None:
         "resumed_from_step": start_step,
         "stopped": stopped,
         "rows_trained_per_rank": rows_per_rank,
+        # {epoch: rows} per rank; epochs may overlap at their boundary in the stream (see pipeline.dataset)
+        "rows_trained_per_epoch_per_rank": [{str(e): n for e, n in sorted(d.items())} for d in epochs_per_rank],
         "replicas_identical": len(set(digests)) == 1,
         "parameter_digests": digests,
     }
