@@ -15,6 +15,51 @@ from tsdae.config import EvalConfig, ModelConfig, ScaleConfig, TrainConfig
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The regression gate of nightly retraining, in Spearman ×100 points on the gated STS tasks.
+
+    tolerance: the candidate's average may be at most this far below production's (0: at least as good;
+    negative: it must improve by that much).
+    max_task_drop: no single task may fall more than this below production's score.
+    """
+
+    tolerance: float = 0.0
+    max_task_drop: float = 1.0
+
+    def __post_init__(self):
+        if self.max_task_drop < 0:
+            raise ValueError(f"nightly.gate.max_task_drop must be >= 0, got {self.max_task_drop}")
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """Nightly retraining (``python -m jobs.nightly``): read.uri is the root of hive partitions
+    ``<partition_key>=YYYY-MM-DD/``; each night trains on the partitions production has not seen.
+
+    registry_uri: the model registry (local path or s3:// / gs:// URI): ``production.json`` and
+    ``models/<model_id>/``.
+    replay_partitions: how many already-seen partitions to mix in, drawn per night from
+    (replay_seed, night).
+    cache_dir: local folder the production model is downloaded to for the warm start.
+    """
+
+    registry_uri: str = "runs/registry"
+    partition_key: str = "date"
+    replay_partitions: int = 0
+    replay_seed: int = 0
+    cache_dir: str = "runs/model-cache"
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        if not self.registry_uri:
+            raise ValueError("nightly.registry_uri must not be empty")
+        if not self.partition_key:
+            raise ValueError("nightly.partition_key must not be empty")
+        if self.replay_partitions < 0:
+            raise ValueError(f"nightly.replay_partitions must be >= 0, got {self.replay_partitions}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One TSDAE run: read → corrupt → train → evaluate.
 
@@ -34,6 +79,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    nightly: NightlyConfig | None = None  # only jobs.nightly reads it
 
 
 class ConfigError(ValueError):

@@ -23,3 +23,17 @@ def test_cluster_yaml_matches_rays_schema():
     assert any(n["resources"].get("GPU") for n in nodes.values())
     assert config["docker"]["image"].startswith("rayproject/ray:2.60.")
     assert "nightly" not in yaml.safe_dump(config)
+
+
+def test_node_groups_have_their_roles_and_autoscaling_bounds():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    nodes = config["available_node_types"]
+    workers = {name: n for name, n in nodes.items() if name != config["head_node_type"]}
+    for node in workers.values():
+        assert 0 <= node["min_workers"] <= node["max_workers"]
+    assert sum(n["max_workers"] for n in workers.values()) <= config["max_workers"]
+    spot = [n for n in workers.values() if n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    gpu = [n for n in workers.values() if n["resources"].get("GPU")]
+    assert spot and all(not n["resources"].get("GPU") for n in spot)  # preprocessing: spot CPUs only
+    assert gpu and all("InstanceMarketOptions" not in n["node_config"] for n in gpu)  # training: on-demand
+    assert {n["node_config"]["InstanceType"].split(".")[0] for n in gpu} == {"g5", "p4d"}

@@ -76,7 +76,12 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-         "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Free ports for the agents too: with the defaults, a second Ray head on this machine (another
+         # test session) leaves this head without a job agent ("No available agent to submit job").
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     head = (f"http://127.0.0.1:{dashboard}", env)
@@ -84,6 +89,17 @@ def ray_head(tmp_path_factory):
     while True:
         try:
             _client(head, "ping")
+            break
+        except RuntimeError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.terminate()
+                raise
+            time.sleep(3)
+    # The job API answers before the head's agent takes jobs ("No available agent to submit job"): submit
+    # a no-op job until it is accepted, so that the first real submission, by CLI or client, is not refused.
+    while True:
+        try:
+            _client(head, "wait", _client(head, "submit", json.dumps({"entrypoint": "true"}))["job_id"])
             break
         except RuntimeError:
             if time.time() > deadline or proc.poll() is not None:
@@ -106,7 +122,7 @@ def _config(tmp_path, tiny_bert_dir, **overrides) -> Path:
         "read": {"uri": str(corpus)},
         "corrupt": {"max_length": 32},
         "model": {"name_or_path": tiny_bert_dir},
-        "train": {"batch_size": 4, "max_steps": 4, "lr": 1e-3, "report_every": 2},
+        "train": {"global_batch_size": 8, "max_steps": 4, "lr": 1e-3, "report_every": 2},
         "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5},
         "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16", "STSB-test"], "num_cpus": 1},
         **overrides,
@@ -144,3 +160,58 @@ def test_bad_config_gives_its_exit_code_through_the_cli(ray_head, tiny_bert_dir,
     assert "train.learning_rate" in cli.stdout + cli.stderr
     (job,) = [j for j in _client(ray_head, "list") if str(config) in j["entrypoint"]]
     assert job["status"] == "FAILED" and job["driver_exit_code"] == 2
+
+
+def _nightly_config(tmp_path, tiny_bert_dir, days: dict[str, pa.Table]) -> Path:
+    """A nightly config over a corpus of date= partitions (day → table)."""
+    for day, table in days.items():
+        (tmp_path / "corpus" / f"date={day}").mkdir(parents=True)
+        pq.write_table(table, tmp_path / "corpus" / f"date={day}" / "part-0.parquet")
+    return _config(tmp_path, tiny_bert_dir, read={"uri": str(tmp_path / "corpus")},
+                   nightly={"registry_uri": str(tmp_path / "registry"), "cache_dir": str(tmp_path / "cache")})
+
+
+def test_nightly_job_exit_codes_under_submission(ray_head, tiny_bert_dir, tmp_path):
+    """The nightly entrypoint with the shipped runtime_env recipe: bad data exits 3 through the CLI; a
+    night with nothing new exits 0 and a re-submitted rejected night exits 6 through the Python client.
+    (A real training night that promotes or is rejected runs in tests/test_nightly.py, in-process.)"""
+    from jobs.config import load_config
+    from jobs.nightly import idempotency_key, list_partitions
+    from jobs.registry import Registry
+
+    address, env = ray_head
+    recipe = yaml.safe_load((ROOT / "deploy/runtime_env.yaml").read_text())
+
+    # 1. Bad data (no text column), submitted with the Ray CLI from the checkout, as the cron line does.
+    bad = _nightly_config(tmp_path / "bad", tiny_bert_dir, {"2024-01-01": pa.table({"body": ["a b c"] * 8})})
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+         "--runtime-env", "deploy/runtime_env.yaml", "--", sys.executable, "-m", "jobs.nightly",
+         "--config", str(bad), "--through", "2024-01-01"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert cli.returncode == 1
+    logs = cli.stdout + cli.stderr
+    assert "stage: find new data" in logs and "stage: read corpus" in logs and "no column 'text'" in logs
+    (job,) = [j for j in _client(ray_head, "list") if str(bad) in j["entrypoint"]]
+    assert job["status"] == "FAILED" and job["driver_exit_code"] == 3
+    assert not (tmp_path / "bad" / "registry" / "production.json").exists()
+
+    # 2. Nothing new up to the night: success without touching Ray Train.
+    texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:16]
+    good = _nightly_config(tmp_path / "good", tiny_bert_dir, {"2024-01-02": pa.table({"text": texts})})
+    runtime_env = {**recipe, "working_dir": str(ROOT)}
+    spec = {"entrypoint": f"{sys.executable} -m jobs.nightly --config {good} --through 2024-01-01",
+            "runtime_env": runtime_env}
+    info = _client(ray_head, "wait", _client(ray_head, "submit", json.dumps(spec))["job_id"])
+    assert (info["status"], info["driver_exit_code"]) == ("SUCCEEDED", 0), info["logs"][-3000:]
+    assert "nothing new" in info["logs"]
+
+    # 3. The same night again after the gate rejected it: the night's record answers, exit 6, no training.
+    cfg = load_config(good)
+    key = idempotency_key(None, list_partitions(cfg.read.uri, "date"), [], cfg)
+    Registry(cfg.nightly.registry_uri).record_night(key, {"status": "rejected", "exit_code": 6})
+    spec["entrypoint"] = f"{sys.executable} -m jobs.nightly --config {good} --through 2024-01-02"
+    info = _client(ray_head, "wait", _client(ray_head, "submit", json.dumps(spec))["job_id"])
+    assert (info["status"], info["driver_exit_code"]) == ("FAILED", 6), info["logs"][-3000:]
+    assert "already ran" in info["logs"] and "stage: train" not in info["logs"]

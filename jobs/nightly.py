@@ -1,0 +1,302 @@
+"""Nightly retraining: train on the new partitions, warm-started from production; promote if not worse.
+
+    python -m jobs.nightly --config configs/nightly.yaml [--through 2024-05-31]
+    ray job submit --runtime-env deploy/runtime_env.yaml -- python -m jobs.nightly --config configs/nightly.yaml
+
+One night: find the partitions `<read.uri>/date=YYYY-MM-DD/` dated up to --through (default yesterday,
+UTC) that production has not trained on → warm-start from production (the config's model on the first
+night) → read, evaluate production, train, evaluate the candidate (jobs.stages.run_all) → regression gate
+→ publish the model with its lineage, verify it, and only then move the production pointer
+(jobs.registry).
+
+A night is identified by an idempotency key over its inputs (new and replayed partitions with their
+file sizes, the parent model, the config). The Ray Train run name contains it, so re-submitting a night
+that failed resumes its run from the last checkpoint; a night that finished (promoted or rejected) is
+recorded in the registry and re-submitting it does nothing and exits with the same code.
+
+Exit codes: 0 promoted, nothing new, or this night already promoted; 2 bad config; 3 bad data;
+4 training failed; 5 evaluation failed; 6 the gate rejected the candidate; 7 publishing or verifying the
+model failed. Production is unchanged on every non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+log = logging.getLogger("tsdae")
+
+EXIT_OK, EXIT_GATE, EXIT_PROMOTE = 0, 6, 7
+
+
+# -- data: hive date partitions ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Partition:
+    """One hive partition ``<key>=YYYY-MM-DD`` under the corpus root; files are (relative path, bytes)."""
+
+    name: str
+    day: date
+    uri: str
+    files: tuple[tuple[str, int], ...]
+
+
+def list_partitions(root_uri: str, key: str) -> list[Partition]:
+    """Every ``<key>=YYYY-MM-DD`` folder under root_uri with at least one parquet file, oldest first.
+
+    Other entries (``_SUCCESS``, ``.tmp``, other keys, unparsable dates) are skipped with a warning.
+    Raises CorpusError if root_uri does not exist.
+    """
+    import fsspec
+
+    from pipeline import CorpusError
+
+    fs, root = fsspec.core.url_to_fs(root_uri)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise CorpusError(f"no partition folder at {root_uri!r}")
+    partitions = []
+    for entry in fs.ls(root, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        k, sep, value = name.partition("=")
+        if entry["type"] != "directory" or k != key or not sep:
+            continue
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            log.warning("skipping partition %s: %r is not a YYYY-MM-DD date", name, value)
+            continue
+        base = entry["name"].rstrip("/")
+        files = tuple(sorted(
+            (path[len(base) + 1:], int(info["size"]))
+            for path, info in fs.find(base, detail=True).items()
+            if path.endswith(".parquet") and not any(p[:1] in "_." for p in path[len(base) + 1:].split("/"))
+        ))
+        if not files:
+            log.warning("skipping partition %s: no parquet files", name)
+            continue
+        partitions.append(Partition(name, day, f"{root_uri.rstrip('/')}/{name}", files))
+    return sorted(partitions, key=lambda p: p.day)
+
+
+def select_partitions(partitions: list[Partition], consumed: set[str], through: date, replay: int,
+                      replay_seed: int) -> tuple[list[Partition], list[Partition]]:
+    """(new, replayed): the partitions dated ≤ through that production has not trained on, and `replay`
+    of those it has, drawn from np.random.default_rng((replay_seed, night)) so a re-run draws the same."""
+    import numpy as np
+
+    new = [p for p in partitions if p.day <= through and p.name not in consumed]
+    seen = [p for p in partitions if p.name in consumed]
+    if not new or not replay or not seen:
+        return new, []
+    rng = np.random.default_rng((replay_seed, through.toordinal()))
+    picked = sorted(rng.choice(len(seen), size=min(replay, len(seen)), replace=False))
+    return new, [seen[i] for i in picked]
+
+
+def partition_record(p: Partition) -> dict:
+    """A partition for the lineage: files with sizes and the row count from the parquet footers."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, base = fsspec.core.url_to_fs(p.uri)
+    rows = 0
+    for rel, _ in p.files:
+        with fs.open(f"{base.rstrip('/')}/{rel}", "rb") as f:
+            rows += pq.ParquetFile(f).metadata.num_rows
+    return {"name": p.name, "uri": p.uri, "files": [{"path": rel, "size": size} for rel, size in p.files],
+            "rows": rows}
+
+
+def idempotency_key(parent: str | None, new: list[Partition], replay: list[Partition], cfg) -> str:
+    """sha256 over everything that decides what a night trains: same inputs → same key → same run."""
+    payload = {
+        "parent": parent,
+        "new": [(p.name, p.files) for p in new],
+        "replay": [(p.name, p.files) for p in replay],
+        "config": dataclasses.asdict(cfg),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- model ----------------------------------------------------------------------------------------------
+def warm_start(model_cfg, model_dir: Path):
+    """The model config that starts from a registry model folder (encoder/, decoder/)."""
+    if model_cfg.tie_decoder:
+        return dataclasses.replace(model_cfg, name_or_path=str(model_dir / "encoder"))
+    return dataclasses.replace(model_cfg, name_or_path=str(model_dir / "encoder"),
+                               decoder_name_or_path=str(model_dir / "decoder"))
+
+
+def verify_loads(encoder_dir: Path, pooling: str) -> None:
+    """Load the encoder the way evaluation does and embed two sentences; raise if anything is off."""
+    import numpy as np
+
+    from tsdae.encode import SentenceEncoder
+
+    emb = np.asarray(SentenceEncoder(str(encoder_dir), pooling).encode(["A man is playing a guitar.",
+                                                                         "Nightly verification."]))
+    if emb.ndim != 2 or emb.shape[0] != 2 or not np.isfinite(emb).all():
+        raise ValueError(f"{encoder_dir}: embeddings of shape {emb.shape} are not finite 2 × H")
+
+
+# -- one night ------------------------------------------------------------------------------------------
+@dataclass
+class NightResult:
+    exit_code: int
+    status: str  # promoted | rejected | nothing-new | already-done | failed
+    model_id: str | None = None
+    report: dict | None = None
+    decision: dict | None = None
+
+
+def run_night(cfg, through: date, config_label: str, git_commit: str | None = None) -> NightResult:
+    """One night of retraining (see the module docstring). Joins Ray only if there is work to do."""
+    import ray
+
+    from jobs import stages
+    from jobs.gate import decide, summarize
+    from jobs.lineage import build_lineage, git_info, package_versions
+    from jobs.registry import Registry, RegistryError
+    from pipeline import CorpusError
+    from tsdae.report import write_report
+
+    nightly = cfg.nightly
+    registry = Registry(nightly.registry_uri)
+
+    # 1. Data: what is new since the production model.
+    stages.announce("find new data")
+    production = registry.production()
+    parent = production["model_id"] if production else None
+    consumed = set(production["consumed_partitions"]) if production else set()
+    try:
+        partitions = list_partitions(cfg.read.uri, nightly.partition_key)
+    except CorpusError as e:
+        log.error("bad data: %s", e)
+        return NightResult(stages.EXIT_DATA, "failed")
+    new, replay = select_partitions(partitions, consumed, through, nightly.replay_partitions, nightly.replay_seed)
+    log.info("production: %s; %d partitions, %d new through %s: %s; replay: %s", parent or "none (first night)",
+             len(partitions), len(new), through, [p.name for p in new], [p.name for p in replay])
+    if not new:
+        log.info("nothing new through %s: production has trained on every partition", through)
+        return NightResult(EXIT_OK, "nothing-new", parent)
+    key = idempotency_key(parent, new, replay, cfg)
+    model_id = f"{cfg.name}-{through:%Y%m%d}-{key[:10]}"  # also the Ray Train run name
+    done = registry.night(key)
+    if done is not None:
+        log.info("night %s already ran (key %s): %s; nothing to do", model_id, key[:10], done["status"])
+        return NightResult(done["exit_code"], "already-done", done.get("model_id"), decision=done.get("decision"))
+
+    # 2. Warm start: production's model, downloaded and checksum-verified, else the config's base model.
+    stages.announce("warm start")
+    model_cfg = cfg.model
+    if parent is not None:
+        try:
+            local = registry.fetch(parent, Path(nightly.cache_dir) / parent)
+        except (RegistryError, OSError) as e:
+            log.error("cannot fetch production model %s: %s", parent, e)
+            return NightResult(EXIT_PROMOTE, "failed")
+        model_cfg = warm_start(cfg.model, local)
+    log.info("warm start from %s (%s)", parent or cfg.model.name_or_path, model_cfg.name_or_path)
+    run_cfg = dataclasses.replace(cfg, model=model_cfg,
+                                  read=dataclasses.replace(cfg.read, uri=[p.uri for p in new + replay]))
+
+    # 3. Read, evaluate production, train, evaluate the candidate, export.
+    out_dir = Path(cfg.output_dir) / model_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        stages.connect_ray(cfg)
+    try:
+        report = stages.run_all(run_cfg, model_id, out_dir, config_label=config_label)
+    except stages.StageError as e:
+        log.error("%s", e)
+        return NightResult(e.exit_code, "failed", model_id)
+
+    # 4. Gate; the decision and the lineage go into the report and beside the model.
+    stages.announce("regression gate")
+    decision = decide(report["before"], report["after"], nightly.gate)
+    log.info("gate: %s", summarize(decision))
+    lineage = build_lineage(
+        model_id=model_id, parent=parent, base_model=cfg.model.name_or_path, through=through.isoformat(),
+        key=key, partitions=[partition_record(p) for p in new], replay=[partition_record(p) for p in replay],
+        consumed=sorted(consumed | {p.name for p in new}), cfg=run_cfg, config_label=config_label,
+        report=report, decision=decision, git=git_info(git_commit), versions=package_versions(),
+    )
+    report["meta"].update({"model_id": model_id, "parent_model": parent or cfg.model.name_or_path,
+                           "gate": summarize(decision), "gate_decision": decision})
+    write_report(report, str(out_dir))
+    (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    night = {"model_id": model_id, "through": through.isoformat(), "parent": parent, "decision": decision}
+    if not decision["promote"]:
+        registry.record_night(key, {**night, "status": "rejected", "exit_code": EXIT_GATE})
+        log.info("production stays %s", parent or "empty")
+        return NightResult(EXIT_GATE, "rejected", model_id, report, decision)
+
+    # 5. Promote: publish every file, fetch it back and load it, then move the pointer (the last write).
+    try:
+        stages.announce("publish")
+        registry.publish(model_id, out_dir)
+        stages.announce("verify")
+        local = registry.fetch(model_id, Path(nightly.cache_dir) / model_id)
+        verify_loads(local / "encoder", cfg.model.pooling)
+        stages.announce("promote")
+        registry.promote(model_id, expected_current=parent, consumed_partitions=lineage["data"]["consumed_partitions"],
+                         through=through.isoformat(), gate=decision["candidate"])
+    except Exception as e:  # storage errors, a checksum mismatch, a model that does not load
+        log.error("promotion of %s failed, production stays %s: %s", model_id, parent or "empty", e)
+        return NightResult(EXIT_PROMOTE, "failed", model_id, report, decision)
+    registry.record_night(key, {**night, "status": "promoted", "exit_code": EXIT_OK})
+    return NightResult(EXIT_OK, "promoted", model_id, report, decision)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="run config YAML with a nightly: section (configs/nightly.yaml)")
+    p.add_argument("--through", type=date.fromisoformat,
+                   help="train on partitions dated up to this day, YYYY-MM-DD (default: yesterday, UTC)")
+    p.add_argument("--git-commit", help="the commit being run, for the lineage (default: TSDAE_GIT_COMMIT or git)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    from jobs.config import ConfigError, load_config
+    from jobs.gate import gated_tasks
+    from jobs.stages import EXIT_CONFIG
+
+    # 1. Config: a run config with a nightly section, a single corpus root and a gated STS task.
+    try:
+        cfg = load_config(args.config)
+        if cfg.nightly is None:
+            raise ConfigError(f"{args.config}: no nightly: section")
+        if not isinstance(cfg.read.uri, str):
+            raise ConfigError(f"{args.config}: read.uri must be one folder of {cfg.nightly.partition_key}= partitions")
+        if not gated_tasks(cfg.eval.tasks):
+            raise ConfigError(f"{args.config}: eval.tasks has no task of the 7-task average for the gate")
+    except ConfigError as e:
+        log.error("bad config: %s", e)
+        return EXIT_CONFIG
+    through = args.through or (datetime.now(timezone.utc).date() - timedelta(days=1))
+
+    # 2. Run the night.
+    result = run_night(cfg, through, config_label=args.config, git_commit=args.git_commit)
+
+    # 3. Report.
+    if result.report is not None:
+        from tsdae.report import render_markdown
+
+        print(render_markdown(result.report), flush=True)
+    log.info("night through %s: %s%s (exit %d)", through, result.status,
+             f", model {result.model_id}" if result.model_id else "", result.exit_code)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The model registry: immutable model directories and one small pointer file naming production.
+
+Layout under the registry URI (a local path or any fsspec URI: s3://, gs://, …):
+
+    production.json            the pointer: {"model_id", "consumed_partitions", "previous_model_id", …}
+    models/<model_id>/         one immutable model: encoder/, decoder/, lineage.json, report.json, …
+    models/<model_id>/MANIFEST.json   written last: every file's size and sha256
+    nights/<key>.json          what a night with this idempotency key decided (promoted / rejected)
+
+Promotion is ordered so that a crash at any point leaves production either untouched or fully moved:
+upload every file → write MANIFEST.json (the model is now complete) → download it again and check every
+checksum (and, in the nightly job, that it loads) → rewrite production.json. A model without a manifest
+is an unfinished upload that nothing points to; the next attempt overwrites it. production.json is
+replaced atomically: temp file + os.replace on a local filesystem, one PUT on an object store (S3 and
+GCS make a single object write atomic: a reader sees the old or the new object, never a mix).
+
+    python -m jobs.registry runs/registry show
+    python -m jobs.registry runs/registry promote <model_id>     # manual rollback to a verified model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fsspec
+
+SCHEMA_VERSION = 1
+POINTER = "production.json"
+MANIFEST = "MANIFEST.json"
+_LOCAL_PROTOCOLS = {"file", "local"}
+
+log = logging.getLogger("tsdae")
+
+
+class RegistryError(RuntimeError):
+    """The registry is inconsistent or a model failed verification; production was not changed."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Registry:
+    """Read and write one registry. Every method is safe to re-run after a crash."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(uri)
+        self.root = root.rstrip("/")
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        self.local = bool(protocols & _LOCAL_PROTOCOLS)
+
+    # -- paths and small JSON objects ------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def model_uri(self, model_id: str) -> str:
+        return f"{self.uri}/models/{model_id}"
+
+    def read_json(self, *parts: str) -> dict | None:
+        """The JSON object at parts, or None if there is none."""
+        path = self._path(*parts)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, obj: dict, *parts: str) -> None:
+        """Write a JSON object so that readers see the old or the new one, never a partial write."""
+        data = (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
+        path = self._path(*parts)
+        if not self.local:
+            self.fs.pipe_file(path, data)  # one PUT: atomic per object on S3 and GCS
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # -- the pointer -----------------------------------------------------------------------------------
+    def production(self) -> dict | None:
+        """The production pointer, or None before the first promotion."""
+        pointer = self.read_json(POINTER)
+        if pointer is not None and pointer.get("schema_version") != SCHEMA_VERSION:
+            raise RegistryError(f"{self.uri}/{POINTER}: schema_version {pointer.get('schema_version')!r}, "
+                                f"expected {SCHEMA_VERSION}")
+        return pointer
+
+    def promote(self, model_id: str, *, expected_current: str | None, **fields) -> dict:
+        """Point production at a complete model (its manifest exists). The last write of a promotion.
+
+        expected_current: the production model_id the caller started from; if another promotion
+        happened in between, refuse rather than overwrite it (a check, not a lock: two writers racing
+        on the same second can still both pass it; run one nightly job at a time).
+        fields: extra JSON fields for the pointer (consumed partitions, metrics).
+        """
+        if self.manifest(model_id) is None:
+            raise RegistryError(f"model {model_id} has no {MANIFEST}: it was never completely written")
+        current = self.production()
+        current_id = current["model_id"] if current else None
+        if current_id != expected_current:
+            raise RegistryError(f"production moved from {expected_current} to {current_id} while this job ran")
+        pointer = {"schema_version": SCHEMA_VERSION, "model_id": model_id,
+                   "model_uri": self.model_uri(model_id), "promoted_at": _now(),
+                   "previous_model_id": current_id, **fields}
+        self.write_json(pointer, POINTER)
+        log.info("production → %s (was %s)", model_id, current_id)
+        return pointer
+
+    # -- immutable models ------------------------------------------------------------------------------
+    def manifest(self, model_id: str) -> dict | None:
+        return self.read_json("models", model_id, MANIFEST)
+
+    def publish(self, model_id: str, src: Path) -> dict:
+        """Upload every file under the local folder src to models/<model_id>/, then its manifest.
+
+        A model that already has a manifest with the same checksums is left as it is. One with other
+        files (a re-run after a crash between publish and promote retrains and re-evaluates) loses its
+        manifest first, so it is incomplete while it is rewritten; production's own model is never
+        rewritten.
+        """
+        src = Path(src)
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        entries = {p.relative_to(src).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                   for p in files}
+        existing = self.manifest(model_id)
+        if existing is not None:
+            if existing["files"] == entries:
+                log.info("model %s is already published with the same files", model_id)
+                return existing
+            current = self.production()
+            if current is not None and current["model_id"] == model_id:
+                raise RegistryError(f"model {model_id} is in production; it cannot be rewritten")
+            log.warning("model %s was published but never promoted; rewriting it", model_id)
+            self.fs.rm_file(self._path("models", model_id, MANIFEST))
+        total = sum(e["size"] for e in entries.values())
+        done = 0
+        for i, (rel, entry) in enumerate(entries.items(), 1):
+            self._put_file(src / rel, self._path("models", model_id, rel))
+            done += entry["size"]
+            if i == len(entries) or i % max(1, len(entries) // 10) == 0:
+                log.info("upload %s: %d/%d files, %.1f/%.1f MB", model_id, i, len(entries), done / 1e6, total / 1e6)
+        manifest = {"schema_version": SCHEMA_VERSION, "model_id": model_id, "created_at": _now(), "files": entries}
+        self.write_json(manifest, "models", model_id, MANIFEST)
+        return manifest
+
+    def _put_file(self, local: Path, remote: str) -> None:
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(local), remote)
+
+    def fetch(self, model_id: str, dest: str | Path) -> Path:
+        """Download models/<model_id>/ to the local folder dest, checking every size and checksum
+        against its manifest; returns dest. A dest that a previous fetch completed is reused.
+
+        Downloads into a sibling temp folder and renames it into place, so dest is complete or absent.
+        """
+        dest = Path(dest)
+        manifest = self.manifest(model_id)
+        if manifest is None:
+            raise RegistryError(f"model {model_id} has no {MANIFEST} at {self.model_uri(model_id)}")
+        done_marker = dest / MANIFEST
+        if done_marker.exists() and json.loads(done_marker.read_text())["files"] == manifest["files"]:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+        try:
+            for rel, entry in manifest["files"].items():
+                local = tmp / rel
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(self._path("models", model_id, rel), str(local))
+                size, digest = local.stat().st_size, sha256_file(local)
+                if size != entry["size"] or digest != entry["sha256"]:
+                    raise RegistryError(f"model {model_id}: {rel} has size {size} sha256 {digest[:12]}…, "
+                                        f"manifest says {entry['size']} {entry['sha256'][:12]}…")
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    # -- nights ----------------------------------------------------------------------------------------
+    def night(self, key: str) -> dict | None:
+        """What the night with this idempotency key decided, or None if it never finished."""
+        return self.read_json("nights", f"{key}.json")
+
+    def record_night(self, key: str, record: dict) -> None:
+        self.write_json({"schema_version": SCHEMA_VERSION, "key": key, "recorded_at": _now(), **record},
+                        "nights", f"{key}.json")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(description="Show the production model, or point production at a "
+                                            "published model (rollback).")
+    p.add_argument("registry_uri")
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("show")
+    promote = sub.add_parser("promote")
+    promote.add_argument("model_id")
+    args = p.parse_args(argv)
+
+    registry = Registry(args.registry_uri)
+    current = registry.production()
+    if args.action == "show":
+        print(json.dumps(current, indent=2))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:  # verify every checksum before moving the pointer
+        registry.fetch(args.model_id, Path(tmp) / args.model_id)
+    # The next night trains on what this model has not seen: take that from its own lineage.
+    lineage = registry.read_json("models", args.model_id, "lineage.json") or {}
+    consumed = lineage.get("data", {}).get("consumed_partitions", [])
+    registry.promote(args.model_id, expected_current=current["model_id"] if current else None,
+                     consumed_partitions=consumed, manual=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
