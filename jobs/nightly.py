@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+from jobs.stages import EXIT_GATE, EXIT_PROMOTE  # noqa: E402  (all exit codes live in jobs.stages)
+
 log = logging.getLogger("tsdae")
 
-EXIT_OK, EXIT_GATE, EXIT_PROMOTE = 0, 6, 7
+EXIT_OK = 0
 
 
 # -- data: hive date partitions ---------------------------------------------------------------------------

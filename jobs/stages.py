@@ -17,6 +17,7 @@ from pathlib import Path
 from jobs.config import RunConfig
 
 EXIT_CONFIG, EXIT_DATA, EXIT_TRAIN, EXIT_EVAL = 2, 3, 4, 5
+EXIT_GATE, EXIT_PROMOTE = 6, 7  # jobs.nightly: candidate rejected; publishing or promotion failed
 EXIT_STOPPED = 143  # SIGTERM (`ray job stop`, preemption): checkpointed, resumable with --resume
 EXPORTED = ("encoder", "decoder", "metrics.jsonl", "summary.json")
 
@@ -41,12 +42,17 @@ def connect_ray(cfg: RunConfig) -> None:
 
     from tsdae.trainer import WORKER_ENV
 
-    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    # Workers get WORKER_ENV (and HF_HUB_OFFLINE when the driver has it) unless the job's own
+    # runtime_env already sets a key: Ray refuses a driver runtime_env that repeats a job env var,
+    # and a job's env vars are in the driver's environment.
+    env = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    if "HF_HUB_OFFLINE" in os.environ and cfg.ray_address is None and "RAY_ADDRESS" not in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     local = cfg.ray_address is None and "RAY_ADDRESS" not in os.environ
     ray.init(
         address=cfg.ray_address,
         num_cpus=cfg.scale.local_num_cpus if local else None,
-        runtime_env={"env_vars": WORKER_ENV},
+        runtime_env={"env_vars": env} if env else None,
     )
     # Ray Data's progress bars redraw many times a second: fine on a terminal, a flood in job logs.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

@@ -7,9 +7,9 @@ import os
 from tsdae.config import ModelConfig, ScaleConfig, TrainConfig
 from tsdae.train import train_loop_per_worker
 
-# What every worker process needs in its environment: no hub, and tokenizer threads that do not
-# oversubscribe the CPUs Ray gave the worker.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+# What every worker process needs in its environment: tokenizer threads that do not oversubscribe
+# the CPUs Ray gave the worker (HF_HUB_OFFLINE is passed on from the driver when it is set there).
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 
 
 def steps_per_epoch(rows: int, scale: ScaleConfig, train: TrainConfig) -> int:
