@@ -1,4 +1,4 @@
-"""STS loaders: hand-made files in tmp_path, then the counts of the bundled suite."""
+"""STS loaders: hand-made files in tmp_path, the counts of the bundled suite, and custom sets."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tsdae.config import STS_TASKS
-from tsdae.sts import StsSubset, load_task, load_tasks
+from tsdae.config import STS_TASKS, CustomStsConfig, EvalConfig
+from tsdae.sts import StsSubset, load_custom, load_suite, load_task, load_tasks
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "sts"
 
@@ -125,3 +125,102 @@ def test_bundled_suite_counts():
             assert len(s.sentences1) == len(s.sentences2) == len(s.scores)
             assert np.all((s.scores >= 0) & (s.scores <= 5)), (task, s.name)
     assert "SMTnews" not in {s.name for s in loaded["STS13"]}  # STS13 ships without SMT
+
+
+# Custom STS sets: parquet / CSV / TSV at an fsspec URI, configurable columns, bad rows reported.
+
+
+def _custom_rows():
+    """Two good rows and one of each kind of bad row."""
+    return {
+        "a": ["one", "two", "", "four", "five", "six"],
+        "b": ["uno", "dos", "tres", "cuatro", "   ", "seis"],
+        "gold": ["1.5", "4", "3", "", "2", "many"],
+    }
+
+
+def test_custom_csv_with_renamed_columns_reports_bad_rows(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "pairs.csv"
+    rows = _custom_rows()
+    rows["a"][0] = 'a "quoted", with comma'
+    pd.DataFrame(rows).to_csv(path, index=False)
+    cfg = CustomStsConfig(name="mine", uri=f"file://{path}", sentence1_column="a", sentence2_column="b",
+                          score_column="gold")
+
+    subset, issues = load_custom(cfg)
+
+    assert subset.name == "mine"
+    assert subset.sentences1 == ['a "quoted", with comma', "two"]
+    assert subset.sentences2 == ["uno", "dos"]
+    np.testing.assert_array_equal(subset.scores, [1.5, 4.0])
+    assert issues["n_rows"] == 6 and issues["n_bad"] == 4
+    assert issues["examples"] == [
+        {"row": 2, "reason": "empty sentence1"},
+        {"row": 3, "reason": "missing score"},
+        {"row": 4, "reason": "empty sentence2"},
+        {"row": 5, "reason": "score 'many' is not a number"},
+    ]
+
+
+def test_custom_parquet_with_nulls_and_tsv_without_quoting(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"sentence1": ["x", None, "z"], "sentence2": ["p", "q", "r"],
+                             "score": [1.0, 2.0, None]}), tmp_path / "p.parquet")
+    subset, issues = load_custom(CustomStsConfig(name="pq", uri=str(tmp_path / "p.parquet")))
+    assert subset.sentences1 == ["x"] and issues["n_bad"] == 2
+    assert [e["reason"] for e in issues["examples"]] == ["empty sentence1", "missing score"]
+
+    (tmp_path / "t.tsv").write_text('sentence1\tsentence2\tscore\nsays "hi\tthere"\t3\n')
+    subset, issues = load_custom(CustomStsConfig(name="tsv", uri=str(tmp_path / "t.tsv")))
+    assert subset.sentences1 == ['says "hi'] and subset.sentences2 == ['there"'] and issues["n_bad"] == 0
+
+
+def test_custom_error_policy_missing_columns_and_unknown_format(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "pairs.csv"
+    pd.DataFrame(_custom_rows()).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"4 bad row\(s\): row 2: empty sentence1"):
+        load_custom(CustomStsConfig(name="m", uri=str(path), sentence1_column="a", sentence2_column="b",
+                                    score_column="gold", on_bad_rows="error"))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['sentence1', 'sentence2', 'score'\]"):
+        load_custom(CustomStsConfig(name="m", uri=str(path)))
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        load_custom(CustomStsConfig(name="m", uri=str(tmp_path / "pairs.json")))
+    with pytest.raises(ValueError, match="clashes"):
+        CustomStsConfig(name="STSB-dev", uri="x.csv")
+
+
+def test_load_suite_adds_custom_sets_from_a_remote_uri(tmp_path):
+    import fsspec
+
+    with fsspec.open("memory://sets/remote.tsv", "w") as f:
+        f.write("sentence1\tsentence2\tscore\na\tb\t1\nc\td\t\n")
+    _write(tmp_path / "STSBenchmark" / "sts-dev.csv", ["g\tf\ty\t1\t1.0\ts1\ts2"])
+    cfg = EvalConfig(sts_dir=str(tmp_path), tasks=["STSB-dev"],
+                     custom_sets=[CustomStsConfig(name="remote", uri="memory://sets/remote.tsv")])
+
+    by_task, bad = load_suite(cfg)
+
+    assert list(by_task) == ["STSB-dev", "remote"]
+    assert by_task["remote"][0].sentences1 == ["a"]
+    assert bad == {"remote": {"n_rows": 2, "n_bad": 1, "examples": [{"row": 1, "reason": "missing score"}]}}
+
+
+def test_eval_config_with_custom_sets_from_a_run_config_mapping():
+    from jobs.config import ConfigError, RunConfig, from_dict
+
+    cfg = from_dict(RunConfig, {"eval": {"actors": 2, "production_model": "s3://models/live", "custom_sets": [
+        {"name": "mine", "uri": "s3://bucket/pairs.parquet", "score_column": "label"}]}}).eval
+    assert cfg.custom_sets == [CustomStsConfig(name="mine", uri="s3://bucket/pairs.parquet", score_column="label")]
+    assert cfg.actors == 2 and cfg.production_model == "s3://models/live"
+    with pytest.raises(ConfigError, match=r"eval\.custom_sets\[0\]\.colour"):
+        from_dict(RunConfig, {"eval": {"custom_sets": [{"name": "m", "uri": "x.csv", "colour": 1}]}})
+    for bad in ({"actors": -1}, {"precision": "fp8"}, {"validation_task": "STS99"},
+                {"custom_sets": [{"name": "m", "uri": "a.csv"}, {"name": "m", "uri": "b.csv"}]}):
+        with pytest.raises(ConfigError):
+            from_dict(RunConfig, {"eval": bad})

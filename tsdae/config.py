@@ -186,6 +186,8 @@ class EvalConfig:
     actors: 0 encodes in one Ray task; N >= 1 encodes with N Ray Data model actors (one per GPU on a GPU
     cluster, a few per CPU node).
     precision: "auto" is bfloat16 autocast on CUDA and float32 on CPU (bf16 moves CPU numbers by ~0.1).
+    production_model: the model in production (path, ``package:`` or fsspec URI), evaluated beside the
+    base and trained models for the report's third column; null: none.
     validation_task: the task scored on every checkpoint during training (model selection).
     validation_timeout_s: a validation still running after this long is cancelled (null: no limit).
     """
@@ -199,6 +201,7 @@ class EvalConfig:
     actors: int = 0
     precision: str = "auto"
     custom_sets: list[CustomStsConfig] = field(default_factory=list)
+    production_model: str | None = None
     validation_task: str = "STSB-dev"
     validation_timeout_s: float | None = None
 

@@ -14,16 +14,82 @@ would, but it changes the numbers, so it is used on CUDA only.
 from __future__ import annotations
 
 import contextlib
+import json
+import tempfile
 import time
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from tsdae.config import POOLINGS, EvalConfig
+from tsdae.config import POOLINGS, PRECISIONS, EvalConfig
 from tsdae.evaluation import evaluate_sts
 from tsdae.pooling import pool
-from tsdae.sts import load_tasks
+from tsdae.sts import load_suite
+
+# sentence-transformers modules that leave the cosine of two embeddings as our encoder computes it.
+_COSINE_SAFE_MODULES = {"Transformer", "Pooling", "Normalize"}
+_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                     "pooling_mode_max_tokens": "max"}
+
+
+def _read_json(fs, path: str):
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def resolve_pooling(model_dir: str, pooling: str = "auto") -> str:
+    """The pooling to evaluate a model directory (local path or fsspec URI) with.
+
+    An explicit "cls"/"mean"/"max" wins. "auto" reads ``tsdae.json`` (our export), else the
+    sentence-transformers ``modules.json`` + Pooling config, else falls back to "cls" (a bare Hugging Face
+    encoder; the TSDAE paper's pooling). A sentence-transformers pipeline with modules that change the
+    cosine (Dense, …) or a pooling we do not implement raises ValueError rather than report wrong numbers.
+    """
+    if pooling != "auto":
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
+        return pooling
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(model_dir)
+    join = lambda *parts: "/".join([root.rstrip("/"), *parts])  # noqa: E731
+    if fs.exists(join("tsdae.json")):
+        return _read_json(fs, join("tsdae.json"))["pooling"]
+    if not fs.exists(join("modules.json")):
+        return "cls"
+    modules = _read_json(fs, join("modules.json"))
+    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    unsupported = sorted(set(kinds) - _COSINE_SAFE_MODULES)
+    if unsupported:
+        raise ValueError(f"{model_dir}: sentence-transformers modules {unsupported} are not supported "
+                         f"(only {sorted(_COSINE_SAFE_MODULES)})")
+    if "Pooling" not in kinds:
+        return "cls"
+    config = _read_json(fs, join(kinds["Pooling"]["path"], "config.json"))
+    modes = [mode for flag, mode in _ST_POOLING_FLAGS.items() if config.get(flag)]
+    others = [k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in _ST_POOLING_FLAGS]
+    if len(modes) != 1 or others:
+        raise ValueError(f"{model_dir}: pooling {modes + others} is not one of {POOLINGS}")
+    return modes[0]
+
+
+@contextlib.contextmanager
+def local_model_dir(model_ref: str):
+    """Yield a local directory for a model reference: ``package:<module>``, a local path, or any fsspec
+    URI (s3://, gs://, memory://, …) whose folder is copied into a temporary directory for the block."""
+    from tsdae.paths import resolve_model_path
+
+    ref = resolve_model_path(model_ref)
+    if "://" not in ref or ref.startswith("file://"):
+        yield ref.removeprefix("file://")
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(ref)
+    with tempfile.TemporaryDirectory(prefix="tsdae-model-") as tmp:
+        fs.get(root.rstrip("/") + "/", tmp + "/", recursive=True)
+        yield tmp
 
 
 class SentenceEncoder:
@@ -36,26 +102,35 @@ class SentenceEncoder:
     """
 
     def __init__(self, model_dir: str, pooling: str = "cls", max_length: int = 128, batch_size: int = 128,
-                 device: str = "cpu"):
+                 device: str = "cpu", precision: str = "auto"):
+        pooling = resolve_pooling(model_dir, pooling)
         model = AutoModel.from_pretrained(model_dir).to(device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._setup(model, tokenizer, pooling, max_length, batch_size)
+        self._setup(model, tokenizer, pooling, max_length, batch_size, precision)
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, tokenizer, pooling: str = "cls", max_length: int = 128,
-                    batch_size: int = 128) -> "SentenceEncoder":
+                    batch_size: int = 128, precision: str = "auto") -> "SentenceEncoder":
         """Wrap a loaded encoder; inputs go to the device of its parameters."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, pooling, max_length, batch_size)
+        self._setup(model, tokenizer, pooling, max_length, batch_size, precision)
         return self
 
-    def _setup(self, model, tokenizer, pooling: str, max_length: int, batch_size: int) -> None:
+    def _setup(self, model, tokenizer, pooling: str, max_length: int, batch_size: int, precision: str) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.max_length, self.batch_size = pooling, max_length, batch_size
+        self.precision = precision
+
+    def _autocast(self, device: torch.device):
+        """bf16 autocast for "bfloat16", and for "auto" on CUDA; else none (float32)."""
+        bf16 = self.precision == "bfloat16" or (self.precision == "auto" and device.type == "cuda")
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +143,7 @@ class SentenceEncoder:
         length, so a batch holds sentences of similar length and little padding; results are put back
         in input order. Because attention masks out padding, a sentence's vector does not depend on its
         batch (up to float rounding). Runs under inference_mode with the model in eval mode (its
-        previous train/eval mode is restored), with bf16 autocast on CUDA only.
+        previous train/eval mode is restored), with bf16 autocast per ``precision`` (default: CUDA only).
         """
         if not sentences:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
@@ -78,8 +153,7 @@ class SentenceEncoder:
         # input order, so the batches (hence the float rounding) are the same whatever the call.
         order = np.argsort(-lengths, kind="stable")
         device = self.device
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
+        autocast = self._autocast(device)
         was_training = self.model.training
         self.model.eval()
         out_NH = None
@@ -101,17 +175,19 @@ class SentenceEncoder:
 
 
 def evaluate_model_dir(model_dir: str, pooling: str, cfg: EvalConfig, device: str = "cpu") -> dict:
-    """Evaluate a Hugging Face encoder directory on cfg.tasks (data under cfg.sts_dir).
+    """Evaluate a Hugging Face or sentence-transformers encoder directory on cfg.tasks (data under
+    cfg.sts_dir) and cfg.custom_sets, in this process. pooling may be "auto" (``resolve_pooling``).
 
-    Returns ``evaluate_sts``'s dict plus "pooling", "max_length", "batch_size", "wall_s" (load data and
-    model, encode, score), "encode_s" and "sentences_per_s" (distinct sentences / encode_s).
+    Returns ``evaluate_sts``'s dict plus "pooling", "max_length", "batch_size", "precision", "bad_rows"
+    (custom sets' skipped rows, ``tsdae.sts.load_suite``), "wall_s" (load data and model, encode, score),
+    "encode_s" and "sentences_per_s" (distinct sentences / encode_s).
 
     Reference (packaged all-MiniLM-L6-v2, default EvalConfig, ``all``): STS-B test cls 73.50 / mean 82.03;
     7-task average cls 73.69 / mean 78.87 (wmean: 72.84 / 78.78); STS-B dev cls 79.73 / mean 86.72.
     """
     t0 = time.perf_counter()
-    subsets_by_task = load_tasks(cfg.sts_dir, list(cfg.tasks))
-    encoder = SentenceEncoder(model_dir, pooling, cfg.max_length, cfg.batch_size, device)
+    subsets_by_task, bad_rows = load_suite(cfg)
+    encoder = SentenceEncoder(model_dir, pooling, cfg.max_length, cfg.batch_size, device, cfg.precision)
     encode_s = 0.0
 
     def timed_encode(sentences: list[str]) -> np.ndarray:
@@ -122,11 +198,21 @@ def evaluate_model_dir(model_dir: str, pooling: str, cfg: EvalConfig, device: st
         return emb
 
     result = evaluate_sts(timed_encode, subsets_by_task)
+    return with_run_info(result, pooling=encoder.pooling, cfg=cfg, bad_rows=bad_rows,
+                         wall_s=time.perf_counter() - t0, encode_s=encode_s)
+
+
+def with_run_info(result: dict, *, pooling: str, cfg: EvalConfig, bad_rows: dict, wall_s: float,
+                  encode_s: float, **extra) -> dict:
+    """``evaluate_sts``'s result plus how it was computed (the keys ``evaluate_model_dir`` documents)."""
     result.update({
         "pooling": pooling,
         "max_length": cfg.max_length,
         "batch_size": cfg.batch_size,
-        "wall_s": round(time.perf_counter() - t0, 3),
+        "precision": cfg.precision,
+        "bad_rows": bad_rows,
+        **extra,
+        "wall_s": round(wall_s, 3),
         "encode_s": round(encode_s, 3),
         "sentences_per_s": round(result["n_sentences"] / encode_s, 1) if encode_s > 0 else None,
     })

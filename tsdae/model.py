@@ -12,6 +12,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from tsdae.config import ModelConfig
+from tsdae.fast_decoder import (
+    cross_attention_projections,
+    decoder_hidden_states,
+    label_logits,
+    supports_fast_decoder,
+)
 from tsdae.paths import resolve_model_path
 from tsdae.pooling import pool
 
@@ -26,6 +32,8 @@ def tsdae_loss(
     target_ids_BT: torch.Tensor,
     pad_id: int,
     decoder_attention_mask_BT: torch.Tensor | None = None,
+    *,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Reconstruction loss: the decoder predicts target token t+1 from tokens <= t and the sentence vector.
 
@@ -35,10 +43,18 @@ def tsdae_loss(
     ignored. No decoder attention mask by default: with right padding and causal self-attention a real
     token never sees a pad, so the loss is identical with or without one (tested), and skipping the mask
     keeps attention on its fused causal path. Returns the mean cross-entropy over non-pad labels.
+    fast: for a BERT decoder, run tsdae.fast_decoder (same loss within float rounding, tested): no
+    per-token cross-attention query/key work, and the LM head only at non-pad labels. Other decoders,
+    and fast=False, take the plain Hugging Face call (the reference's computation).
     """
     input_ids_BT = target_ids_BT[:, :-1]
     labels_BT = target_ids_BT[:, 1:]
     mask = None if decoder_attention_mask_BT is None else decoder_attention_mask_BT[:, :-1]
+    if fast and supports_fast_decoder(decoder):
+        hidden_BTH = decoder_hidden_states(decoder, emb_BH, input_ids_BT, mask)
+        keep_BT = labels_BT != pad_id
+        logits_NV = label_logits(decoder, hidden_BTH[keep_BT])
+        return F.cross_entropy(logits_NV.float(), labels_BT[keep_BT])
     logits_BTV = decoder(
         input_ids=input_ids_BT,
         attention_mask=mask,
@@ -52,14 +68,16 @@ class TSDAE(nn.Module):
     """Encoder + pooling + decoder in one module, so one DDP wrapper synchronises all of their gradients.
 
     forward(noisy_input_ids_BS, noisy_attention_mask_BS, target_ids_BT) -> scalar loss.
+    fast_decoder: use tsdae.fast_decoder where the decoder supports it (see tsdae_loss).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, pooling: str, pad_id: int):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, pooling: str, pad_id: int, fast_decoder: bool = True):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.pooling = pooling
         self.pad_id = pad_id
+        self.fast_decoder = fast_decoder
 
     def embed(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
         hidden_BSH = self.encoder(input_ids=input_ids_BS, attention_mask=attention_mask_BS).last_hidden_state
@@ -67,7 +85,7 @@ class TSDAE(nn.Module):
 
     def forward(self, noisy_input_ids, noisy_attention_mask, target_ids):
         emb_BH = self.embed(noisy_input_ids, noisy_attention_mask)
-        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id)
+        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id, fast=self.fast_decoder)
 
 
 def tie_decoder_to_encoder(encoder: nn.Module, decoder: nn.Module) -> int:
@@ -159,4 +177,9 @@ def build_tsdae(cfg: ModelConfig) -> tuple[TSDAE, "AutoTokenizer"]:
     if cfg.tie_decoder:
         if tie_decoder_to_encoder(encoder, decoder) == 0:
             raise ModelError(f"model {cfg.name_or_path!r}: no decoder weight could be tied to the encoder")
+    if supports_fast_decoder(decoder):
+        # The cross-attention query/key act on a softmax over one key: zero gradient, unused by the fast
+        # path. Frozen, they get no optimizer state and DDP waits for no gradient of theirs.
+        for param in cross_attention_projections(decoder):
+            param.requires_grad_(False)
     return TSDAE(encoder, decoder, cfg.pooling, tokenizer.pad_token_id), tokenizer

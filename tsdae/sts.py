@@ -8,16 +8,24 @@ Layout under ``sts_dir`` (see the data README):
 
 Sentences are kept exactly as the files have them (no quoting rules: STS-B sentences contain ``"``).
 Malformed lines raise ``ValueError`` naming the file and the 1-based line number.
+
+Custom sets (``load_custom``): a parquet, CSV or TSV file at any fsspec URI with a sentence1, sentence2
+and score column (names configurable). A row with a missing or non-numeric score or an empty sentence
+is never silently dropped: it is skipped and listed (``on_bad_rows: report``) or refuses the file.
 """
 
 from __future__ import annotations
 
+import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tsdae.config import STS_TASKS
+from tsdae.config import STS_TASKS, CustomStsConfig, EvalConfig
+
+MAX_BAD_ROW_EXAMPLES = 20
 
 _YEAR_FOLDERS = {f"STS1{i}": f"STS1{i}-en-test" for i in range(2, 7)}
 _STSB_FILES = {"STSB-test": "sts-test.csv", "STSB-dev": "sts-dev.csv"}
@@ -140,3 +148,99 @@ def load_task(sts_dir: str, task: str) -> list[StsSubset]:
 def load_tasks(sts_dir: str, tasks: list[str]) -> dict[str, list[StsSubset]]:
     """``{task: load_task(sts_dir, task)}`` for each task, in the given order."""
     return {task: load_task(sts_dir, task) for task in tasks}
+
+
+def _custom_format(cfg: CustomStsConfig) -> str:
+    if cfg.format:
+        return cfg.format
+    name = cfg.uri.rsplit("/", 1)[-1].lower()
+    for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".tsv", "tsv"),
+                        (".txt", "tsv")):
+        if name.endswith(suffix):
+            return fmt
+    raise ValueError(f"custom STS set {cfg.name!r}: cannot tell the format of {cfg.uri!r}; set format")
+
+
+def _read_columns(cfg: CustomStsConfig) -> dict[str, list]:
+    """The three configured columns as Python lists (CSV/TSV cells as strings, "" for an empty cell)."""
+    import fsspec
+
+    columns = [cfg.sentence1_column, cfg.sentence2_column, cfg.score_column]
+    fmt = _custom_format(cfg)
+    with fsspec.open(cfg.uri, "rb") as f:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(f)
+            available = table.column_names
+            data = {c: table.column(c).to_pylist() for c in columns if c in available}
+        else:
+            import pandas as pd
+
+            # Every cell a string and no NA guessing, so that we, not pandas, decide what is bad. TSV has
+            # no quoting (STS files put bare `"` inside sentences); CSV follows RFC 4180.
+            frame = pd.read_csv(f, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
+                                quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+            available = list(frame.columns)
+            data = {c: frame[c].tolist() for c in columns if c in available}
+    missing = [c for c in columns if c not in data]
+    if missing:
+        raise ValueError(f"custom STS set {cfg.name!r} ({cfg.uri}): no column(s) {missing}; has {available}")
+    return data
+
+
+def _bad_reason(s1, s2, score) -> str | tuple[str, float]:
+    """Why a row is unusable, or ("", score) for a good one."""
+    for label, sentence in (("sentence1", s1), ("sentence2", s2)):
+        if sentence is None or not isinstance(sentence, str) or not sentence.strip():
+            return f"empty {label}"
+    if score is None or (isinstance(score, str) and not score.strip()):
+        return "missing score"
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return f"score {score!r} is not a number"
+    if not math.isfinite(value):
+        return "missing score" if math.isnan(value) else f"score {score!r} is not finite"
+    return "", value
+
+
+def load_custom(cfg: CustomStsConfig) -> tuple[StsSubset, dict]:
+    """A custom STS set as one subset named ``cfg.name``, and its bad rows.
+
+    Returns (subset, {"n_rows", "n_bad", "examples": [{"row", "reason"}, …]}); rows are 0-based data
+    rows (a CSV/TSV header is not counted), at most MAX_BAD_ROW_EXAMPLES examples. Raises ValueError
+    for a missing column, and for any bad row when ``cfg.on_bad_rows == "error"``.
+    """
+    data = _read_columns(cfg)
+    s1, s2, scores, bad = [], [], [], []
+    rows = zip(data[cfg.sentence1_column], data[cfg.sentence2_column], data[cfg.score_column])
+    n_rows = 0
+    for row, (a, b, score) in enumerate(rows):
+        n_rows += 1
+        verdict = _bad_reason(a, b, score)
+        if isinstance(verdict, str):
+            bad.append({"row": row, "reason": verdict})
+            continue
+        s1.append(a)
+        s2.append(b)
+        scores.append(verdict[1])
+    if bad and cfg.on_bad_rows == "error":
+        shown = "; ".join(f"row {e['row']}: {e['reason']}" for e in bad[:5])
+        raise ValueError(f"custom STS set {cfg.name!r} ({cfg.uri}): {len(bad)} bad row(s): {shown}")
+    issues = {"n_rows": n_rows, "n_bad": len(bad), "examples": bad[:MAX_BAD_ROW_EXAMPLES]}
+    return StsSubset(cfg.name, s1, s2, np.asarray(scores, dtype=np.float64)), issues
+
+
+def load_suite(cfg: EvalConfig, tasks: list[str] | None = None) -> tuple[dict[str, list[StsSubset]], dict]:
+    """The standard tasks (``tasks``, default cfg.tasks) then cfg.custom_sets, each custom set a task of
+    one subset. Returns (subsets_by_task, bad_rows_by_task) where the second maps each custom set with
+    bad rows to ``load_custom``'s report."""
+    subsets_by_task = load_tasks(cfg.sts_dir, list(cfg.tasks if tasks is None else tasks))
+    bad_rows = {}
+    for custom in cfg.custom_sets:
+        subset, issues = load_custom(custom)
+        subsets_by_task[custom.name] = [subset]
+        if issues["n_bad"]:
+            bad_rows[custom.name] = issues
+    return subsets_by_task, bad_rows

