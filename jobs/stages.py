@@ -179,6 +179,7 @@ def export_stage(checkpoint, out_dir: Path) -> dict:
 
 def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> dict:
     """read → evaluate base → train → evaluate trained → export → report; returns the report."""
+    from tsdae.charts import write_charts
     from tsdae.report import build_report, write_report
 
     started = time.perf_counter()
@@ -212,5 +213,7 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> 
     }
     report = build_report(before, after, meta)
     paths = write_report(report, str(out_dir))
+    history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+    paths.update(write_charts(report, str(out_dir), history=history))
     log.info("report: %s; encoder: %s; %.0f s in all", paths, out_dir / "encoder", meta["wall_seconds"])
     return report
