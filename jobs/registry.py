@@ -33,6 +33,8 @@ from pathlib import Path
 
 import fsspec
 
+from tsdae.report import write_atomic
+
 SCHEMA_VERSION = 1
 POINTER = "production.json"
 MANIFEST = "MANIFEST.json"
@@ -91,16 +93,7 @@ class Registry:
             self.fs.pipe_file(path, data)  # one PUT: atomic per object on S3 and GCS
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(Path(path), data)
 
     # -- the pointer -----------------------------------------------------------------------------------
     def production(self) -> dict | None:
