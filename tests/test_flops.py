@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertLMHeadModel, BertModel
 
-from benchmarks.flops import Shape, forward_flops, training_flops
+from tsdae.flops import Shape, forward_flops, training_flops
 from tsdae.fast_decoder import cross_attention_projections
 from tsdae.model import TSDAE, tie_decoder_to_encoder
 

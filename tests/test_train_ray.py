@@ -52,7 +52,7 @@ def test_two_workers_train_identical_replicas(ray_local, tiny_bert_dir, small_co
     assert summary["replicas_identical"], summary["parameter_digests"]
     assert summary["rows_trained_per_rank"] == [24, 24]
     assert [m["step"] for m in metrics] == [2, 3, 4, 6]
-    assert all(m["loss"] > 0 for m in metrics)
+    assert all(m["loss"] > 0 and 0 < m["mfu"] < 1 for m in metrics)
     base = AutoModel.from_pretrained(tiny_bert_dir)
     moved = [not torch.equal(a, b) for a, b in zip(base.parameters(), trained.parameters())]
     assert any(moved), "training did not change the encoder"

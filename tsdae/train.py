@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from tsdae.config import ModelConfig, TrainConfig
 from tsdae.export import export_decoder, export_encoder
+from tsdae.flops import Shape, matmul_peak_flops, training_flops
 from tsdae.model import build_tsdae
 
 STATE_FILE = "state.pt"
@@ -155,12 +156,15 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
     steps_per_epoch = config["steps_per_epoch"]
+    # MFU estimate: counted model FLOPs of the real token counts ÷ this device's measured matmul peak.
+    peak_flops = matmul_peak_flops(device, torch.bfloat16 if bf16 else torch.float32, n=1024, repeats=2)
     total_steps = train_cfg.max_steps or steps_per_epoch * train_cfg.epochs
 
     # 1. Build: model (restored from the last checkpoint if Ray restarted us), DDP, optimizer, schedule.
     torch.manual_seed(train_cfg.seed)  # decoder-only weights start equal on every rank
     model, tokenizer = build_tsdae(model_cfg)
     pad_id = tokenizer.pad_token_id
+    shape = Shape.of(model.encoder.config)
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -185,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = rank_batches(shard, train_cfg.global_batch_size, rank, world, train_cfg.deterministic)
     history: list[dict] = []
-    window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "t": time.perf_counter()}
+    window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "flops": 0, "t": time.perf_counter()}
     rows_trained = 0
     rows_per_epoch: dict[int, int] = {}
     start_step = step
@@ -231,6 +235,8 @@ def train_loop_per_worker(config: dict) -> None:
         window["steps"] += 1
         window["sentences"] += n
         window["tokens"] += local_tokens + n
+        window["flops"] += training_flops(shape, [len(x) for x in batch["noisy_ids"]],
+                                          [len(t) for t in batch["target_ids"]])
 
         # The last step's checkpoint is the final one, written below with the export.
         checkpoint_now = bool(train_cfg.checkpoint_every) and step % train_cfg.checkpoint_every == 0 \
@@ -238,8 +244,8 @@ def train_loop_per_worker(config: dict) -> None:
         if step % train_cfg.report_every == 0 or checkpoint_now:
             stopped = stop_requested(config.get("stop_flag"), device) and step < total_steps
             checkpoint_now = checkpoint_now or stopped
-            loss_sum, sentences, tokens = _sum_across_ranks(
-                [float(window["loss"]), window["sentences"], window["tokens"]], device)
+            loss_sum, sentences, tokens, flops = _sum_across_ranks(
+                [float(window["loss"]), window["sentences"], window["tokens"], window["flops"]], device)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"non-finite loss at step {step} (rank {rank})")
             seconds = time.perf_counter() - window["t"]
@@ -250,13 +256,15 @@ def train_loop_per_worker(config: dict) -> None:
                 "lr": scheduler.get_last_lr()[0],
                 "sentences_per_s": sentences / seconds,
                 "tokens_per_s": tokens / seconds,
+                "mfu": flops / seconds / (peak_flops * world),
                 "world_size": world,
                 "stopped": stopped,
             }
             history.append(metrics)
             if rank == 0:
                 print(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                      f"{metrics['sentences_per_s']:.1f} sentences/s {metrics['tokens_per_s']:.0f} tokens/s",
+                      f"{metrics['sentences_per_s']:.1f} sentences/s {metrics['tokens_per_s']:.0f} tokens/s "
+                      f"MFU {metrics['mfu']:.1%}",
                       flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt_dir = None
@@ -266,7 +274,8 @@ def train_loop_per_worker(config: dict) -> None:
                     save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, step,
                                     config["max_length"], position)
                 _report(metrics, ckpt_dir)
-            window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "t": time.perf_counter()}
+            window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "flops": 0,
+                      "t": time.perf_counter()}
             if stopped:
                 if rank == 0:
                     print(f"[train] stop requested: checkpointed at step {step}", flush=True)
