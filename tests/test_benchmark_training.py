@@ -13,17 +13,19 @@ from benchmarks import training
 CORPUS = Path(__file__).resolve().parents[1] / training.CORPUS
 
 
-def test_length_aware_batches_cover_each_row_once_with_little_padding():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(3, 60, size=1000)
-    sorted_batches = training.length_aware_batches(lengths, 8, np.random.default_rng(1), pool=200)
-    random_batches = training.random_batches(len(lengths), 8, np.random.default_rng(1))
-    assert sorted(np.concatenate(sorted_batches).tolist()) == list(range(1000))
+@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/corpus")
+def test_pipeline_order_gives_length_aware_batches_of_the_same_rows(packaged_model_dir):
+    texts, keys = training.load_sentences(str(CORPUS), 600)
+    data = training.corrupt_and_tokenize(texts, keys, packaged_model_dir, 0.6, 0, batch_size=8)
+    assert sorted(data["row_key"]) == list(range(600))
+    lengths = np.array([len(ids) for ids in data["target_ids"]])
 
     def padding(batches):
         return 1 - sum(lengths[b].sum() for b in batches) / sum(lengths[b].max() * len(b) for b in batches)
 
-    assert padding(sorted_batches) < 0.05 < 0.3 < padding(random_batches)
+    sorted_padding = padding(training.consecutive_batches(600, 8))
+    random_padding = padding(training.random_batches(600, 8, np.random.default_rng(0)))
+    assert sorted_padding < 0.05 < 0.3 < random_padding
 
 
 @pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/corpus")
