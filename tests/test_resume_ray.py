@@ -38,8 +38,9 @@ def run(ray_local, tiny_bert_no_dropout_dir, corpus, tmp_path_factory):
     def _run(name: str, workers: int, max_steps: int = STEPS, fault_at_step=None, max_failures=0):
         dataset = build_train_dataset(ReadConfig(uri=corpus), CorruptConfig(max_length=32),
                                       tiny_bert_no_dropout_dir, epochs=1, num_actors=1, cpus_per_actor=0.5)
+        # fp32: these tests compare weights across worker counts to float tolerance.
         train = TrainConfig(global_batch_size=8, max_steps=max_steps, lr=1e-3, report_every=1,
-                            checkpoint_every=2, deterministic=True)
+                            checkpoint_every=2, deterministic=True, precision="fp32")
         trainer = build_trainer(
             dataset, model=ModelConfig(name_or_path=tiny_bert_no_dropout_dir), train=train,
             scale=ScaleConfig(num_workers=workers, cpus_per_worker=0.5, max_failures=max_failures),

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from tsdae.config import TrainConfig
-from tsdae.train import lr_factor, rank_batches, step_seed
+import torch
+
+from tsdae.train import lr_factor, rank_batches, step_seed, use_bf16
 from tsdae.trainer import steps_per_epoch
 from tsdae.config import ScaleConfig
 
@@ -63,3 +65,13 @@ def test_deterministic_ranks_take_disjoint_slices_of_each_global_batch():
     assert got[1] == [[4, 5, 6, 7], [12, 13, 14, 15]]  # rows 16..20 make no full global batch
     one = [b["row"].tolist() for b in rank_batches(_Stream(21), 8, 0, 1, deterministic=True)]
     assert one == [list(range(8)), list(range(8, 16))]
+
+
+def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not use_bf16("auto", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert use_bf16("auto", cpu)

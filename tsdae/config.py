@@ -45,7 +45,11 @@ class TrainConfig:
     batch, so the data order is independent of timing and worker count (exact resume, exact
     1-vs-N equivalence), at the cost of each worker preprocessing the whole corpus. Off, each worker
     gets its own equal share of the stream (the scalable default).
-    precision: "auto" = bf16 autocast on GPU, fp32 on CPU; master weights are always fp32.
+    precision: "auto" = bf16 autocast where the device multiplies bf16 natively (GPUs; CPUs with AVX-512
+    BF16 or AMX), fp32 elsewhere; "fp32" for exact equivalence across worker counts. Master weights and
+    the optimizer are always fp32.
+    retain_freed_memory: on CPU workers, keep freed memory on the heap instead of returning it to the
+    kernel each step (tsdae.allocator; +6-18% measured); the worker keeps its peak heap until it exits.
     """
 
     epochs: int = 1
@@ -63,6 +67,7 @@ class TrainConfig:
     report_every: int = 10
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    retain_freed_memory: bool = True
 
     def __post_init__(self):
         if self.epochs < 1:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tsdae.allocator import retain_freed_memory
 from tsdae.config import ModelConfig, TrainConfig
 from tsdae.export import export_decoder, export_encoder
 from tsdae.flops import Shape, matmul_peak_flops, training_flops
@@ -36,6 +37,22 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | No
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bf16 matrices natively: a CUDA GPU with bf16, or a CPU with
+    AVX-512 BF16 or AMX (there bf16 autocast trains 1.7x faster than fp32 at the same loss: benchmarks.training)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """train.precision → bf16 autocast or not: "bf16", "fp32", or "auto" = where the device has it."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -154,7 +171,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+        if train_cfg.retain_freed_memory:
+            retain_freed_memory()  # +6-18% sentences/s on CPU: no page faults on each step's big buffers
+    bf16 = use_bf16(train_cfg.precision, device)
     steps_per_epoch = config["steps_per_epoch"]
     # MFU estimate: counted model FLOPs of the real token counts ÷ this device's measured matmul peak.
     peak_flops = matmul_peak_flops(device, torch.bfloat16 if bf16 else torch.float32, n=1024, repeats=2)
@@ -173,7 +192,9 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
     ddp_model = ray.train.torch.prepare_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    # fused: one kernel over all parameters per step (CPU and CUDA); its state loads the same as the
+    # default implementation's, so older checkpoints resume.
+    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, train_cfg.schedule, train_cfg.warmup_steps, total_steps))
     step = 0
