@@ -211,7 +211,7 @@ def test_local_model_dir_copies_a_remote_folder(tiny_bert_dir):
 
 def test_bf16_precision_is_close_but_not_float32(tiny_bert_dir):
     fp32 = SentenceEncoder(tiny_bert_dir, "mean").encode(SENTENCES)
-    bf16 = SentenceEncoder(tiny_bert_dir, "mean", precision="bfloat16").encode(SENTENCES)
+    bf16 = SentenceEncoder(tiny_bert_dir, "mean", precision="bf16").encode(SENTENCES)
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(bf16, fp32, atol=0.1)
     assert not np.allclose(bf16, fp32, atol=1e-6)

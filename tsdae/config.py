@@ -29,7 +29,7 @@ class ModelConfig:
 
 
 SCHEDULES = ("constant", "linear", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision and eval.precision
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,6 @@ AVERAGE_TASKS = STS_TASKS[:7]
 
 CUSTOM_FORMATS = ("parquet", "csv", "tsv")
 BAD_ROW_POLICIES = ("report", "error")
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,7 @@ class EvalConfig:
     each encoder actor when ``actors`` >= 1.
     actors: 0 encodes in one Ray task; N >= 1 encodes with N Ray Data model actors (one per GPU on a GPU
     cluster, a few per CPU node).
-    precision: "auto" is bfloat16 autocast on CUDA and float32 on CPU (bf16 moves CPU numbers by ~0.1).
+    precision: "auto" is bf16 autocast on CUDA and fp32 on CPU (bf16 moves CPU numbers by ~0.1).
     production_model: the model in production (path, ``package:`` or fsspec URI), evaluated beside the
     base and trained models for the report's third column; null: none.
     validation_task: the task scored on every checkpoint during training (model selection).

@@ -128,8 +128,8 @@ class SentenceEncoder:
         self.precision = precision
 
     def _autocast(self, device: torch.device):
-        """bf16 autocast for "bfloat16", and for "auto" on CUDA; else none (float32)."""
-        bf16 = self.precision == "bfloat16" or (self.precision == "auto" and device.type == "cuda")
+        """bf16 autocast for "bf16", and for "auto" on CUDA; else none (fp32)."""
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     @property
