@@ -1,22 +1,28 @@
 """Training throughput of our TSDAE against sentence-transformers' (the issue "Performance").
 
-    python -m benchmarks.training                 # CPU: ours vs the reference, fp32, batch 8 (~10 min idle)
+    python -m benchmarks.training                 # CPU: ours vs the reference, fp32 (+ ours in bf16), batch 8
     python -m benchmarks.training --device cuda   # GPU: our step on a BERT-base-sized model in bf16
 
-CPU (default). Both implementations start from the same weights (the packaged all-MiniLM-L6-v2, CLS
-pooling, the decoder tied to the encoder; the reference's decoder-only cross-attention gets our initial
-values) and train on the same sentences of the corpus with the same noise (pipeline.noise, 0.6 of the
-words *deleted*; sentence-transformers' example keeps 0.6 instead), batch 8, AdamW lr 3e-5 constant, one
-pass over the sentences each, in alternating chunks of steps. The reference is its
-DenoisingAutoEncoderLoss in the loop its SentenceTransformerTrainer runs (random batches, fused AdamW:
-the HF Trainer's default optimizer on torch >= 2.8); the trainer itself needs `datasets` and
-`accelerate`, which this project does not install. Ours is the real single-worker step of
-tsdae.train (TSDAE.forward, backward, AdamW) on batches as the pipeline pads them, built length-aware.
-Tokenization is done up front for both: it is not part of either training step.
+CPU (default), about 10 minutes on an idle 2-core machine. Both implementations start from the same
+weights (the packaged all-MiniLM-L6-v2, CLS pooling, the decoder tied to the encoder; the reference's
+decoder-only cross-attention gets our initial values) and train on the same sentences of the corpus with
+the same noise (pipeline.noise, 0.6 of the words *deleted*; sentence-transformers' example keeps 0.6
+instead), batch 8, AdamW lr 3e-5 constant, one pass over the sentences each, in alternating chunks of
+steps. The reference is its DenoisingAutoEncoderLoss in the loop its SentenceTransformerTrainer runs
+(random batches, fused AdamW: the HF Trainer's default optimizer on torch >= 2.8); the trainer itself
+needs `datasets` and `accelerate`, which this project does not install. Ours is the real
+single-worker step of tsdae.train (TSDAE.forward, backward, fused AdamW) on batches as the pipeline
+pads them, built length-aware. Tokenization is done up front for both: it is not part of either step.
+
+Each implementation runs in a process of its own, so each has its own process settings: ours calls
+tsdae.allocator.retain_freed_memory() as the train loop does on CPU; the reference keeps the C
+library's defaults, as its users run it. A third process trains ours in bf16 autocast (what
+``train.precision: auto`` picks on a CPU with native bf16) from the same weights on the same sentences.
 
 Then a short alternating ablation measures what each change contributes (same sentences per round),
 and STS-B test (CLS pooling) is scored before and after training. MFU = counted model FLOPs per
-sentence (tsdae.flops) × sentences/s ÷ the fp32 matmul peak measured between the chunks.
+sentence (tsdae.flops) × sentences/s ÷ the fp32 matmul peak measured between the chunks (bf16: ÷ the
+bf16 peak).
 
 GPU (--device cuda): our step only (no Ray), a randomly initialised BERT-base-sized model (12 layers,
 hidden 768), bf16 autocast, reporting tokens/s and MFU against the bf16 matmul peak of the same GPU.
@@ -217,61 +223,227 @@ def eval_loss(loss_fn, module, batches: list[Batch]) -> float:
     return value
 
 
-def ablation(model, batches_random: list[list[Batch]], batches_sorted: list[list[Batch]], lr: float,
-             with_compile: bool, warmup: int = 1) -> dict:
-    """Each change on its own, cumulatively, alternating variants within every round (same sentences).
+# ---------------------------------------------------------------------------------------------------
+# Each implementation trains in a process of its own, so each runs with its own process settings: ours
+# with tsdae.allocator.retain_freed_memory (as our train loop does), the reference with the C library's
+# defaults (as its users run it). The parent alternates chunks of steps between the two processes.
 
-    Returns {variant: median sentences/s over rounds}. The q/k of the cross-attention train in the
-    variants that compute them (as in the reference) and are frozen from the single-key variant on.
+ABLATION_VARIANTS = {  # name: (process, loss variant, length-aware batches, fused AdamW, cross q/k trained, bf16)
+    "hf_decoder_random_batches": ("reference", "plain", False, False, True, False),
+    "+length_aware_batches": ("reference", "plain", True, False, True, False),
+    "+fused_adamw": ("reference", "plain", True, True, True, False),
+    "+lm_head_at_labels_only": ("reference", "labels_only_head", True, True, True, False),
+    "+single_key_cross_attention": ("reference", "ours", True, True, False, False),
+    "explicit_decoder_mask": ("reference", "ours_masked", True, True, False, False),
+    "+retain_freed_memory": ("ours", "ours", True, True, False, False),
+    "+bf16_autocast": ("ours", "ours", True, True, False, True),
+    "+torch_compile": ("ours", "compiled", True, True, False, False),
+}
+
+
+class Side:
+    """One implementation, in its own process: its data, model, optimizer and batches.
+
+    kind "ours": our TSDAE step, length-aware batches, with retain_freed_memory; it also hosts the
+    ablation variants that build on that allocator setting. "ours_bf16": the same in bf16 autocast
+    (fp32 master weights), from the same initial weights. "reference": sentence-transformers' loss on
+    random batches with the default allocator; it also hosts the ablation variants before it.
     """
-    from tsdae import fast_decoder
-    from tsdae.model import tsdae_loss
 
-    cross_qk = fast_decoder.cross_attention_projections(model.decoder)
-    trainable = [p for p in model.parameters() if p.requires_grad] + cross_qk
-    optimizers = {False: make_optimizer(trainable, lr, fused=False), True: make_optimizer(trainable, lr, fused=True)}
+    def __init__(self, kind: str, args):
+        from tsdae.allocator import retain_freed_memory
+        from tsdae.paths import resolve_model_path
 
-    def labels_only_head(batch: Batch) -> torch.Tensor:
-        emb_BH = model.embed(batch.noisy_input_ids, batch.noisy_attention_mask)
-        ids, labels = batch.target_ids[:, :-1], batch.target_ids[:, 1:]
-        hidden = fast_decoder.decoder_hidden_states(model.decoder, emb_BH, ids, single_key_cross_attention=False)
-        keep = labels != model.pad_id
-        return torch.nn.functional.cross_entropy(fast_decoder.label_logits(model.decoder, hidden[keep]), labels[keep])
+        self.kind, self.args = kind, args
+        self.retained = retain_freed_memory() if kind.startswith("ours") else False
+        self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if kind == "ours_bf16" else None
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from transformers.utils import logging as hf_logging
 
-    def plain(batch: Batch) -> torch.Tensor:
-        emb_BH = model.embed(batch.noisy_input_ids, batch.noisy_attention_mask)
-        return tsdae_loss(model.decoder, emb_BH, batch.target_ids, model.pad_id, fast=False)
+        hf_logging.set_verbosity_error()  # the decoder's freshly initialised cross-attention is expected
+        model_path = resolve_model_path(MODEL)
+        n, bs = args.sentences, args.batch_size
+        # Train sentences, tokenized and noised by the pipeline's actor in its length-sorted order, and
+        # held-out ones for the final eval loss: the same in both processes (pure functions of the seed).
+        texts, keys = load_sentences(args.corpus, n + args.eval_sentences)
+        train = corrupt_and_tokenize(texts[:n], keys[:n], model_path, args.del_ratio, args.seed, bs)
+        held_out = corrupt_and_tokenize(texts[n:], keys[n:], model_path, args.del_ratio, args.seed, bs)
+        self.noisy, self.target = train["noisy_ids"], train["target_ids"]
+        self.noisy_lengths = np.array([len(r) for r in self.noisy])
+        self.target_lengths = np.array([len(r) for r in self.target])
+        ours, tokenizer = build_ours(args.seed)
+        self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
+        self.shape = Shape.of(ours.encoder.config)
+        self.eval_batches = [collate(held_out["noisy_ids"], held_out["target_ids"], rows, self.pad_id)
+                             for rows in random_batches(len(held_out["row_key"]), bs, np.random.default_rng(1))]
+        self.ablation_model = copy.deepcopy(ours) if args.ablation_rounds and kind != "ours_bf16" else None
+        self._ablation = None
+        if kind.startswith("ours"):
+            self.model, self.encoder = ours, ours.encoder
+            self.step = lambda b: ours_loss(ours, b)
+            rows = consecutive_batches(n, bs)  # the pipeline's order: length-aware batches
+        else:
+            reference = build_reference(model_path, ours)  # our initial weights, then ours is dropped
+            reference.decoder.config.pad_token_id = self.pad_id
+            self.model, self.encoder = reference, reference.encoder[0].auto_model
+            self.step = lambda b: reference_loss(reference, b)
+            rows = random_batches(n, bs, np.random.default_rng(args.seed))  # its trainer's random sampler
+            del ours
+        self.batches = [collate(self.noisy, self.target, r, self.pad_id) for r in rows]
+        if args.steps:
+            self.batches = self.batches[:args.steps]
+        self.optimizer = make_optimizer(self.model.parameters(), args.lr, fused=True)
+        self.losses: list[float] = []
+        self.model.train()
 
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    variants = {  # name: (loss_fn, length-aware batches, fused AdamW, cross q/k trained, autocast)
-        "hf_decoder_random_batches": (plain, False, False, True, None),
-        "+length_aware_batches": (plain, True, False, True, None),
-        "+fused_adamw": (plain, True, True, True, None),
-        "+lm_head_at_labels_only": (labels_only_head, True, True, True, None),
-        "+single_key_cross_attention": (lambda b: ours_loss(model, b), True, True, False, None),
-        "explicit_decoder_mask": (lambda b: ours_loss(model, b, decoder_mask=True), True, True, False, None),
-        "+bf16_autocast": (lambda b: ours_loss(model, b), True, True, False, bf16),
-    }
-    if with_compile:
-        compiled = torch.compile(model, dynamic=True)
-        variants["+torch_compile"] = (lambda b: compiled(b.noisy_input_ids, b.noisy_attention_mask, b.target_ids),
-                                      True, True, False, None)
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    model.train()
-    for rnd, (rand, srt) in enumerate(zip(batches_random, batches_sorted)):
-        names = list(variants) if rnd % 2 == 0 else list(reversed(variants))
-        for name in names:
-            loss_fn, sorted_batches, fused, train_qk, autocast = variants[name]
-            for p in cross_qk:
-                p.requires_grad_(train_qk)
-            batches = srt if sorted_batches else rand
-            train_steps(loss_fn, optimizers[fused], batches[:warmup], autocast)
-            seconds, _ = train_steps(loss_fn, optimizers[fused], batches[warmup:], autocast)
-            rates[name].append(sum(len(b.target_ids) for b in batches[warmup:]) / seconds)
-    for p in cross_qk:
-        p.requires_grad_(False)
-    return {name: statistics.median(r) for name, r in rates.items()} | {"_rounds": {n: r for n, r in rates.items()}}
+    def initial(self) -> dict:
+        """Loss on one held-out batch in eval mode (equal weights: equal for both), STS-B test before."""
+        out = {"steps": len(self.batches), "retained_freed_memory": self.retained,
+               "mean_target_tokens": float(self.target_lengths.mean()),
+               "mean_noisy_tokens": float(self.noisy_lengths.mean()),
+               "initial_loss": eval_loss(self.step, self.model, self.eval_batches[:1])}
+        if self.kind == "ours" and self.args.stsb:  # the same initial weights on every side
+            out["stsb_test_base"] = stsb_test(self.encoder, self.tokenizer, self.args.sts_dir)
+        return out
 
+    def peak(self) -> float:
+        """The fp32 matmul peak (bf16 on the bf16 side), measured in this process."""
+        return matmul_peak_flops(torch.device("cpu"), torch.bfloat16 if self.autocast else torch.float32)
+
+    def chunk(self, start: int) -> dict:
+        """Train steps [start, start + chunk); their time, losses and counted model FLOPs (one formula for
+        both sides: what the model needs for these sentences' real tokens)."""
+        chunk = self.batches[start:start + self.args.chunk]
+        seconds, losses = train_steps(self.step, self.optimizer, chunk, self.autocast)
+        self.losses += losses
+        noisy = [int(n) for b in chunk for n in b.noisy_attention_mask.sum(1)]
+        target = [int(n) for b in chunk for n in b.target_attention_mask.sum(1)]
+        return {"seconds": seconds, "last_loss": losses[-1], "flops": training_flops(self.shape, noisy, target)}
+
+    def final(self) -> dict:
+        tail = max(1, len(self.losses) // 10)
+        out = {"final_loss": eval_loss(self.step, self.model, self.eval_batches),
+               "train_loss_last_steps": float(np.mean(self.losses[-tail:])),
+               "padding": padding_fraction(self.batches)}
+        if self.args.stsb:
+            out["stsb_test"] = stsb_test(self.encoder, self.tokenizer, self.args.sts_dir)
+        return out
+
+    def ablation_round(self, rnd: int, name: str) -> float:
+        """Sentences/s of one ablation variant on round rnd's sentences (the same for every variant)."""
+        if self._ablation is None:
+            self._ablation = Ablation(self)
+        return self._ablation.run(rnd, name)
+
+
+class Ablation:
+    """Each change on its own, cumulatively, on a copy of the initial model (same sentences per round).
+
+    The q/k of the cross-attention train in the variants that compute them (as in the reference) and
+    are frozen from the single-key variant on.
+    """
+
+    def __init__(self, side: Side):
+        from tsdae import fast_decoder
+        from tsdae.model import tsdae_loss
+
+        args, model = side.args, side.ablation_model
+        self.args, self.side, self.model = args, side, model
+        self.cross_qk = fast_decoder.cross_attention_projections(model.decoder)
+        trainable = [p for p in model.parameters() if p.requires_grad] + self.cross_qk
+        self.optimizers = {f: make_optimizer(trainable, args.lr, fused=f) for f in (False, True)}
+        rng = np.random.default_rng(args.seed + 1)
+        self.rounds = []  # [(random batches, length-sorted batches)] per round
+        n = len(side.noisy)
+        for _ in range(args.ablation_rounds):
+            rows = rng.choice(n, args.ablation_steps * args.batch_size, replace=False)
+            rand = [collate(side.noisy, side.target, b, side.pad_id) for b in random_batches(rows, args.batch_size, rng)]
+            by_length = rows[np.argsort(-side.target_lengths[rows], kind="stable")]  # the pipeline's window sort
+            srt = [collate(side.noisy, side.target, b, side.pad_id) for b in consecutive_batches(by_length, args.batch_size)]
+            self.rounds.append((rand, srt))
+
+        def labels_only_head(batch: Batch) -> torch.Tensor:
+            emb_BH = model.embed(batch.noisy_input_ids, batch.noisy_attention_mask)
+            ids, labels = batch.target_ids[:, :-1], batch.target_ids[:, 1:]
+            hidden = fast_decoder.decoder_hidden_states(model.decoder, emb_BH, ids, single_key_cross_attention=False)
+            keep = labels != model.pad_id
+            return torch.nn.functional.cross_entropy(fast_decoder.label_logits(model.decoder, hidden[keep]), labels[keep])
+
+        def plain(batch: Batch) -> torch.Tensor:
+            emb_BH = model.embed(batch.noisy_input_ids, batch.noisy_attention_mask)
+            return tsdae_loss(model.decoder, emb_BH, batch.target_ids, model.pad_id, fast=False)
+
+        self.losses = {
+            "plain": plain,
+            "labels_only_head": labels_only_head,
+            "ours": lambda b: ours_loss(model, b),
+            "ours_masked": lambda b: ours_loss(model, b, decoder_mask=True),
+        }
+        if args.compile:
+            compiled = torch.compile(model, dynamic=True)
+            self.losses["compiled"] = lambda b: compiled(b.noisy_input_ids, b.noisy_attention_mask, b.target_ids)
+
+    def run(self, rnd: int, name: str, warmup: int = 1) -> float:
+        _, loss_name, sorted_batches, fused, train_qk, bf16 = ABLATION_VARIANTS[name]
+        for p in self.cross_qk:
+            p.requires_grad_(train_qk)
+        rand, srt = self.rounds[rnd]
+        batches = srt if sorted_batches else rand
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None
+        self.model.train()
+        train_steps(self.losses[loss_name], self.optimizers[fused], batches[:warmup], autocast)
+        seconds, _ = train_steps(self.losses[loss_name], self.optimizers[fused], batches[warmup:], autocast)
+        for p in self.cross_qk:
+            p.requires_grad_(False)
+        return sum(len(b.target_ids) for b in batches[warmup:]) / seconds
+
+
+def _serve(kind: str, args, conn) -> None:
+    """A Side's process: build it, then answer (method, args) calls until None arrives."""
+    import traceback
+
+    try:
+        side = Side(kind, args)
+        conn.send(("ok", None))
+        while (call := conn.recv()) is not None:
+            method, call_args = call
+            conn.send(("ok", getattr(side, method)(*call_args)))
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+
+
+class Remote:
+    """The parent's handle on a Side running in a spawned process."""
+
+    def __init__(self, kind: str, args):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.kind = kind
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(kind, args, child), daemon=True)
+        self.process.start()
+
+    def _receive(self):
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"benchmark process {self.kind!r} failed:\n{value}")
+        return value
+
+    def ready(self) -> None:
+        self._receive()
+
+    def call(self, method: str, *args):
+        self.conn.send((method, args))
+        return self._receive()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self.conn.send(None)
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
 
 def machine() -> dict:
     cpu = platform.processor() or ""
@@ -302,106 +474,67 @@ def load_average() -> list[float] | None:
 
 
 def run_cpu(args) -> dict:
-    from tsdae.paths import resolve_model_path
-
     load_before = load_average()
-    device = torch.device("cpu")
-    model_path = resolve_model_path(MODEL)
-    rng = np.random.default_rng(args.seed)
+    sides = {kind: Remote(kind, args) for kind in ("ours", "reference", "ours_bf16")}
+    try:
+        for side in sides.values():
+            side.ready()
+        return _compare(args, sides, load_before)
+    finally:
+        for side in sides.values():
+            side.close()
 
-    # 1. Data: train sentences (tokenized and noised by the pipeline's actor, in its length-sorted
-    #    order), and held-out ones for the final eval loss.
-    n = args.sentences
-    texts, keys = load_sentences(args.corpus, n + args.eval_sentences)
-    train = corrupt_and_tokenize(texts[:n], keys[:n], model_path, args.del_ratio, args.seed, args.batch_size)
-    held_out = corrupt_and_tokenize(texts[n:], keys[n:], model_path, args.del_ratio, args.seed, args.batch_size)
-    noisy, target = train["noisy_ids"], train["target_ids"]
-    noisy_lengths = np.array([len(r) for r in noisy])
-    target_lengths = np.array([len(r) for r in target])
 
-    # 2. Models from the same weights; equal loss at equal weights on one batch (eval mode).
-    ours, tokenizer = build_ours(args.seed)
-    pad_id = tokenizer.pad_token_id
-    reference = build_reference(model_path, ours)
-    reference.decoder.config.pad_token_id = pad_id
-    eval_batches = [collate(held_out["noisy_ids"], held_out["target_ids"], rows, pad_id)
-                    for rows in random_batches(len(held_out["row_key"]), args.batch_size, np.random.default_rng(1))]
-    probe = eval_batches[0]
-    initial = {"ours": eval_loss(lambda b: ours_loss(ours, b), ours, [probe]),
-               "reference": eval_loss(lambda b: reference_loss(reference, b), reference, [probe])}
-    ablation_model = copy.deepcopy(ours) if args.ablation_rounds else None
-    stsb_base = stsb_test(ours.encoder, tokenizer, args.sts_dir) if args.stsb else None
+def _compare(args, sides: dict, load_before) -> dict:
+    initial = {kind: side.call("initial") for kind, side in sides.items()}
+    steps = initial["ours"]["steps"]
+    assert all(i["steps"] == steps for i in initial.values()), "every side trains on the same number of batches"
 
-    # 3. Batches: one pass over the same n sentences each; random for the reference (its trainer's
-    #    sampler), the pipeline's length-sorted order for ours.
-    ref_batches = [collate(noisy, target, rows, pad_id) for rows in random_batches(n, args.batch_size, rng)]
-    our_batches = [collate(noisy, target, rows, pad_id) for rows in consecutive_batches(n, args.batch_size)]
-    steps = min(len(ref_batches), len(our_batches), args.steps or len(ref_batches))
-    ref_batches, our_batches = ref_batches[:steps], our_batches[:steps]
-
-    # 4. Train both, alternating chunks (which goes first alternates too); a matmul peak per chunk.
-    ours_opt = make_optimizer(ours.parameters(), args.lr, fused=True)
-    ref_opt = make_optimizer(reference.parameters(), args.lr, fused=True)
-    ours.train()
-    reference.train()
-    ours_step = lambda b: ours_loss(ours, b)  # noqa: E731
-    ref_step = lambda b: reference_loss(reference, b)  # noqa: E731
-    shape = Shape.of(ours.encoder.config)
-    times = {"ours": [], "reference": []}
-    flops = {"ours": [], "reference": []}  # counted model FLOPs of each chunk's sentences (same formula)
-    losses = {"ours": [], "reference": []}
-    peaks = []
+    # Alternating chunks (the order rotates too); the fp32 and bf16 matmul peaks before each round.
+    kinds = list(sides)
+    times = {kind: [] for kind in kinds}
+    flops = {kind: [] for kind in kinds}  # counted model FLOPs of each chunk's sentences (same formula)
+    peaks, peaks_bf16 = [], []
     for r, start in enumerate(range(0, steps, args.chunk)):
-        peaks.append(matmul_peak_flops(device))
-        order = [("ours", ours_step, ours_opt, our_batches), ("reference", ref_step, ref_opt, ref_batches)]
-        for name, step, opt, batches in (order if r % 2 else order[::-1]):
-            chunk = batches[start:start + args.chunk]
-            seconds, chunk_losses = train_steps(step, opt, chunk)
-            times[name].append(seconds)
-            losses[name] += chunk_losses
-            flops[name].append(training_flops(shape, [int(n) for b in chunk for n in b.noisy_attention_mask.sum(1)],
-                                              [int(n) for b in chunk for n in b.target_attention_mask.sum(1)]))
+        peaks.append(sides["ours"].call("peak"))
+        peaks_bf16.append(sides["ours_bf16"].call("peak"))
+        last = {}
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            result = sides[kind].call("chunk", start)
+            times[kind].append(result["seconds"])
+            flops[kind].append(result["flops"])
+            last[kind] = result["last_loss"]
         print(f"[bench] steps {min(start + args.chunk, steps)}/{steps}: ours {times['ours'][-1]:.1f}s "
-              f"reference {times['reference'][-1]:.1f}s, loss {losses['ours'][-1]:.3f} / "
-              f"{losses['reference'][-1]:.3f}", flush=True)
-    peak = statistics.median(peaks)
+              f"reference {times['reference'][-1]:.1f}s bf16 {times['ours_bf16'][-1]:.1f}s, loss "
+              f"{last['ours']:.3f} / {last['reference']:.3f} / {last['ours_bf16']:.3f}", flush=True)
+    peak, peak_bf16 = statistics.median(peaks), statistics.median(peaks_bf16)
+
+    ablations = None
+    if args.ablation_rounds:
+        variants = [v for v in ABLATION_VARIANTS if v != "+torch_compile" or args.compile]
+        rates: dict[str, list[float]] = {v: [] for v in variants}
+        for rnd in range(args.ablation_rounds):
+            for name in (variants if rnd % 2 == 0 else variants[::-1]):
+                rates[name].append(sides[ABLATION_VARIANTS[name][0]].call("ablation_round", rnd, name))
+        ablations = {v: statistics.median(r) for v, r in rates.items()} | {"_rounds": rates}
+    final = {kind: side.call("final") for kind, side in sides.items()}
 
     sentences = steps * args.batch_size
     ours_rate = sentences / sum(times["ours"])
     ref_rate = sentences / sum(times["reference"])
+    bf16_rate = sentences / sum(times["ours_bf16"])
     # Chunks hold different sentences (ours walks length-sorted windows), so each chunk's ratio compares
     # counted-FLOP rates; over the whole pass both train on exactly the same sentences.
     chunk_ratios = [(fo / to) / (fr / tr) for fo, to, fr, tr
                     in zip(flops["ours"], times["ours"], flops["reference"], times["reference"])]
-    flops_per_sentence = training_flops(shape, noisy_lengths[:n], target_lengths[:n]) / n
-    ref_flops_per_sentence = training_flops(shape, noisy_lengths[:n], target_lengths[:n], single_key=False) / n
-
-    # 5. What each change contributes (a separate copy of the initial model; same sentences per round).
-    ablations = None
-    if args.ablation_rounds:
-        per_round = args.ablation_steps * args.batch_size
-        a_rng = np.random.default_rng(args.seed + 1)
-        rand, srt = [], []
-        for r in range(args.ablation_rounds):
-            rows = a_rng.choice(n, per_round, replace=False)  # the same sentences for every variant
-            rand.append([collate(noisy, target, b, pad_id) for b in random_batches(rows, args.batch_size, a_rng)])
-            by_length = rows[np.argsort(-target_lengths[rows], kind="stable")]  # the pipeline's window sort
-            srt.append([collate(noisy, target, b, pad_id) for b in consecutive_batches(by_length, args.batch_size)])
-        ablations = ablation(ablation_model, rand, srt, args.lr, args.compile)
-        del ablation_model
-
-    # 6. Quality after training.
-    result_quality = {}
+    flops_per_sentence = sum(flops["ours"]) / sentences
+    quality = {}
     if args.stsb:
-        result_quality = {
-            "stsb_test_base": stsb_base,
-            "stsb_test_ours": stsb_test(ours.encoder, tokenizer, args.sts_dir),
-            "stsb_test_reference": stsb_test(reference.encoder[0].auto_model, tokenizer, args.sts_dir),
-        }
-    final = {"ours": eval_loss(ours_step, ours, eval_batches), "reference": eval_loss(ref_step, reference, eval_batches)}
-
-    tail = max(1, steps // 10)
-    result = {
+        quality = {"stsb_test_base": initial["ours"]["stsb_test_base"],
+                   "stsb_test_ours": final["ours"]["stsb_test"],
+                   "stsb_test_reference": final["reference"]["stsb_test"],
+                   "stsb_test_ours_bf16": final["ours_bf16"]["stsb_test"]}
+    return {
         "benchmark": "training",
         "device": "cpu",
         "machine": machine(),
@@ -409,44 +542,57 @@ def run_cpu(args) -> dict:
         "load_average_after": load_average(),
         "ours_sentences_per_s": ours_rate,
         "reference_sentences_per_s": ref_rate,
-        "speedup": statistics.median(chunk_ratios),
-        "speedup_is": "median over alternating chunks of ours/reference throughput, each chunk's measured in "
-                      "counted model FLOPs/s (the same formula for both) because chunks hold different sentences",
-        "speedup_of_totals": ours_rate / ref_rate,
+        "speedup": ours_rate / ref_rate,
+        "speedup_is": "sentences/s over the same sentences (one pass each, alternating chunks)",
+        "speedup_median_chunk": statistics.median(chunk_ratios),
+        "speedup_median_chunk_is": "median over the alternating chunks of ours/reference counted-model-FLOP/s "
+                                   "(chunks hold different sentences); robust to a chunk slowed by other load",
         "speedup_per_chunk": chunk_ratios,
         "mfu": flops_per_sentence * ours_rate / peak,
-        "reference_mfu": ref_flops_per_sentence * ref_rate / peak,
+        "reference_mfu": flops_per_sentence * ref_rate / peak,
+        "ours_bf16_sentences_per_s": bf16_rate,
+        "speedup_bf16": bf16_rate / ref_rate,
+        "mfu_bf16": flops_per_sentence * bf16_rate / peak_bf16,
+        "mfu_bf16_is": "our bf16-autocast step against the bf16 matmul peak measured in the same run",
+        "peak_gflops_bf16": peak_bf16 / 1e9,
         "peak_gflops": peak / 1e9,
         "peak_gflops_per_chunk": [p / 1e9 for p in peaks],
         "flops_per_sentence": flops_per_sentence,
-        "reference_flops_per_sentence": ref_flops_per_sentence,
-        "ours_tokens_per_s": ours_rate * target_lengths[:n].mean(),
-        "ours_final_loss": final["ours"],
-        "reference_final_loss": final["reference"],
-        "final_loss_is": f"mean eval-mode loss over {len(eval_batches)} held-out batches, the same for both",
-        "ours_train_loss_last_steps": float(np.mean(losses["ours"][-tail:])),
-        "reference_train_loss_last_steps": float(np.mean(losses["reference"][-tail:])),
-        "initial_loss_ours": initial["ours"],
-        "initial_loss_reference": initial["reference"],
-        **result_quality,
+        "ours_tokens_per_s": ours_rate * initial["ours"]["mean_target_tokens"],
+        "ours_final_loss": final["ours"]["final_loss"],
+        "reference_final_loss": final["reference"]["final_loss"],
+        "ours_bf16_final_loss": final["ours_bf16"]["final_loss"],
+        "final_loss_is": f"mean eval-mode loss over {args.eval_sentences // args.batch_size} held-out batches, "
+                         f"the same for both",
+        "ours_train_loss_last_steps": final["ours"]["train_loss_last_steps"],
+        "reference_train_loss_last_steps": final["reference"]["train_loss_last_steps"],
+        "initial_loss_ours": initial["ours"]["initial_loss"],
+        "initial_loss_reference": initial["reference"]["initial_loss"],
+        **quality,
         "mask_speedup": (ablations["+single_key_cross_attention"] / ablations["explicit_decoder_mask"]
                          if ablations else None),
         "ablation_sentences_per_s": ablations,
-        "padding_reference_batches": padding_fraction(ref_batches),
-        "padding_our_batches": padding_fraction(our_batches),
+        "ablation_is": "median sentences/s per variant over rounds (same sentences per round, variants in "
+                       "alternating order); variants up to explicit_decoder_mask run in the reference's process "
+                       "(default allocator), the later ones in ours (retain_freed_memory)",
+        "padding_reference_batches": final["reference"]["padding"],
+        "padding_our_batches": final["ours"]["padding"],
         "settings": {
             "model": MODEL, "pooling": "cls", "batch_size": args.batch_size, "steps": steps, "sentences": sentences,
             "chunk": args.chunk, "lr": args.lr, "del_ratio_deleted": args.del_ratio, "seed": args.seed,
             "length_aware": "the pipeline's: windows of length_window x batch_size rows sorted by length",
             "dtype": "float32", "corpus": args.corpus,
-            "mean_target_tokens": float(target_lengths[:n].mean()), "mean_noisy_tokens": float(noisy_lengths[:n].mean()),
+            "mean_target_tokens": initial["ours"]["mean_target_tokens"],
+            "mean_noisy_tokens": initial["ours"]["mean_noisy_tokens"],
+            "ours_process": "tsdae.allocator.retain_freed_memory() (as tsdae.train does on CPU): "
+                            f"{initial['ours']['retained_freed_memory']}",
+            "reference_process": "default allocator",
             "reference_loop": "DenoisingAutoEncoderLoss + fused AdamW (SentenceTransformerTrainer's default "
                               "optimizer; the trainer itself needs datasets/accelerate, not installed)",
             "ablation_rounds": args.ablation_rounds, "ablation_steps": args.ablation_steps,
             "command": "python -m benchmarks.training " + " ".join(args.argv),
         },
     }
-    return result
 
 
 def build_random_tsdae(config_kwargs: dict, tokenizer_path: str):

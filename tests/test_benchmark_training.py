@@ -36,3 +36,20 @@ def test_device_path_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch):
     tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     result = training.run_device(args, tiny)
     assert result["ours_tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/corpus")
+def test_cpu_comparison_runs_each_side_in_its_own_process_from_equal_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    args = training.parse_args(["--sentences", "32", "--steps", "2", "--chunk", "1", "--eval-sentences", "8",
+                                "--ablation-rounds", "1", "--ablation-steps", "2", "--no-stsb",
+                                "--out", str(tmp_path / "out.json")])
+    result = training.run_cpu(args)
+    assert result["initial_loss_ours"] == pytest.approx(result["initial_loss_reference"], abs=1e-4)
+    assert result["settings"]["ours_process"].endswith("True")  # our side ran with retain_freed_memory
+    assert len(result["speedup_per_chunk"]) == 2
+    for key in ("ours_sentences_per_s", "reference_sentences_per_s", "ours_bf16_sentences_per_s", "mfu",
+                "peak_gflops", "mask_speedup"):
+        assert result[key] > 0
+    assert set(result["ablation_sentences_per_s"]) - {"_rounds"} == set(training.ABLATION_VARIANTS) - {"+torch_compile"}
