@@ -192,7 +192,11 @@ class EvalConfig:
     precision: "auto" is bf16 autocast on CUDA and fp32 on CPU (bf16 moves CPU numbers by ~0.1).
     production_model: the model in production (path, ``package:`` or fsspec URI), evaluated beside the
     base and trained models for the report's third column; null: none.
-    validation_task: the task scored on every checkpoint during training (model selection).
+    validation_task: the task scored on every checkpoint during training (model selection), in a Ray task
+    beside the training workers (``tsdae.validation``); the best checkpoint by this score is the run's
+    model. null: no validation (the final checkpoint is the model).
+    validation_num_cpus / validation_num_gpus: resources of that validation task (null: num_cpus /
+    num_gpus). It runs while the workers train, so it must fit beside them or it waits for the end.
     validation_timeout_s: a validation still running after this long is cancelled (null: no limit).
     """
 
@@ -206,7 +210,9 @@ class EvalConfig:
     precision: str = "auto"
     custom_sets: list[CustomStsConfig] = field(default_factory=list)
     production_model: str | None = None
-    validation_task: str = "STSB-dev"
+    validation_task: str | None = "STSB-dev"
+    validation_num_cpus: float | None = None
+    validation_num_gpus: float | None = None
     validation_timeout_s: float | None = None
 
     def __post_init__(self):
@@ -226,7 +232,12 @@ class EvalConfig:
         names = [c.name for c in self.custom_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"eval.custom_sets has duplicate names: {names}")
-        if self.validation_task not in STS_TASKS:
-            raise ValueError(f"eval.validation_task must be one of {list(STS_TASKS)}, got {self.validation_task!r}")
+        if self.validation_task is not None and self.validation_task not in STS_TASKS:
+            raise ValueError(f"eval.validation_task must be one of {list(STS_TASKS)} or null, "
+                             f"got {self.validation_task!r}")
+        if self.validation_num_cpus is not None and self.validation_num_cpus <= 0:
+            raise ValueError(f"eval.validation_num_cpus must be > 0, got {self.validation_num_cpus}")
+        if self.validation_num_gpus is not None and self.validation_num_gpus < 0:
+            raise ValueError(f"eval.validation_num_gpus must be >= 0, got {self.validation_num_gpus}")
         if self.validation_timeout_s is not None and self.validation_timeout_s <= 0:
             raise ValueError(f"eval.validation_timeout_s must be > 0, got {self.validation_timeout_s}")

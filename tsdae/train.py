@@ -137,11 +137,19 @@ def stop_requested(flag_uri: str | None, device) -> bool:
     return _sum_across_ranks([flag], device)[0] > 0 or preempted
 
 
-def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
+def _report(metrics: dict, checkpoint_dir: Path | None, validate: bool = False, step: int | None = None) -> None:
+    """Report metrics (every rank) and this rank's checkpoint, if any. validate: ask Ray Train to score
+    the checkpoint with the trainer's validation_config (tsdae.validation.validate_checkpoint, in a
+    separate Ray task); only a rank that reports a checkpoint may ask (Ray refuses validation without
+    one), and the step travels to the validation function for the history."""
     import ray.train
 
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    if validate and checkpoint is not None:
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         validation=ray.train.ValidationTaskConfig(fn_kwargs={"step": step}))
+    else:
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -150,7 +158,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     config: {"model": ModelConfig, "train": TrainConfig, "max_length": int, "threads": int,
     "steps_per_epoch": int, "stop_flag": URI checked at report steps (the driver writes it on SIGTERM),
-    "fault_at_step": int | None (tests: kill rank 1 once at that step)}.
+    "fault_at_step": int | None (tests: kill rank 1 once at that step), "validate": bool (rank 0 asks
+    Ray Train to validate each checkpoint it reports, periodic and final, off the workers; build_trainer
+    sets it with the validation_config)}.
     On a stop request or an announced preemption the loop checkpoints at once and ends early with
     `summary["stopped"]`; rerunning with the same run name resumes from that checkpoint.
     Rows carry `noisy_ids` and `target_ids` (token id lists, no padding); `pad_batch` pads them on
@@ -294,7 +304,8 @@ def train_loop_per_worker(config: dict) -> None:
                     position = {"global_batches": step, "rows": step * train_cfg.global_batch_size}
                     save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, step,
                                     config["max_length"], position)
-                _report(metrics, ckpt_dir)
+                # A stop checkpoint is not validated: the run is being shut down (and resumes from it).
+                _report(metrics, ckpt_dir, validate=bool(config.get("validate")) and not stopped, step=step)
             window = {"loss": 0.0, "steps": 0, "sentences": 0, "tokens": 0, "flops": 0,
                       "t": time.perf_counter()}
             if stopped:
@@ -337,4 +348,4 @@ def train_loop_per_worker(config: dict) -> None:
             (ckpt_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
             (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _report({"step": step, "final": True, **{k: v for k, v in summary.items() if k != "parameter_digests"}},
-                ckpt_dir)
+                ckpt_dir, validate=bool(config.get("validate")), step=step)

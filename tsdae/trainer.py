@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tsdae.config import ModelConfig, ScaleConfig, TrainConfig
+from tsdae.config import EvalConfig, ModelConfig, ScaleConfig, TrainConfig
 from tsdae.train import train_loop_per_worker
 
 # What every worker process needs in its environment: tokenizer threads that do not oversubscribe
@@ -35,11 +35,16 @@ def build_trainer(
     storage_path: str,
     stop_flag: str | None = None,
     fault_at_step: int | None = None,
+    eval_cfg: EvalConfig | None = None,
 ):
     """A TorchTrainer for one run; `name` must be unique per launch (a same-named run resumes).
 
     stop_flag: a file URI; when it appears the workers checkpoint and stop early (see request_stop).
     fault_at_step: for failure-handling tests only; rank 1 kills its own process once at that step.
+    eval_cfg: with an ``eval.validation_task`` (see ``validation_enabled``), every checkpoint the workers
+    report (periodic and final, not a stop checkpoint) is scored on that task by Ray Train's validation
+    hook, in a separate Ray task (``tsdae.validation``); Ray then keeps the train.keep_checkpoints best
+    by VAL_METRIC (plus always the latest, for resuming) instead of the most recent ones.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -53,6 +58,17 @@ def build_trainer(
         # One ordered stream, read whole by every worker; each takes its rows of every global batch.
         dataset.context.execution_options.preserve_order = True
     workers = scale.num_workers if scale.min_workers is None else (scale.min_workers, scale.num_workers)
+    validate = validation_enabled(eval_cfg)
+    if validate:
+        from tsdae.validation import VAL_METRIC, build_validation_config
+
+        checkpoint_config = ray.train.CheckpointConfig(
+            num_to_keep=train.keep_checkpoints, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max")
+        extra = {"validation_config": build_validation_config(eval_cfg, base_model=model.name_or_path,
+                                                              pooling=model.pooling)}
+    else:
+        checkpoint_config = ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints)
+        extra = {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -63,6 +79,7 @@ def build_trainer(
             "steps_per_epoch": steps_per_epoch(rows, scale, train),
             "fault_at_step": fault_at_step,
             "stop_flag": stop_flag,
+            "validate": validate,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
@@ -73,11 +90,17 @@ def build_trainer(
             name=name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            checkpoint_config=checkpoint_config,
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[] if train.deterministic else "all"),
+        **extra,
     )
+
+
+def validation_enabled(eval_cfg: EvalConfig | None) -> bool:
+    """Whether a run validates its checkpoints during training: an eval config with a validation_task."""
+    return eval_cfg is not None and eval_cfg.validation_task is not None
 
 
 def stop_flag_uri(storage_path: str, run_name: str) -> str:

@@ -141,19 +141,24 @@ def load_validation_history(run_path: str, filesystem=None) -> list[dict]:
 
 def build_validation_config(eval_cfg: EvalConfig, *, base_model: str, pooling: str):
     """The ``validation_config`` for TorchTrainer: ``validate_checkpoint`` on eval_cfg.validation_task,
-    in a Ray task with eval_cfg.num_cpus / num_gpus (so it never takes a training worker's resources)."""
+    in a Ray task with eval_cfg.validation_num_cpus / validation_num_gpus (null: num_cpus / num_gpus), so
+    it never takes a training worker's resources."""
     import ray.train
 
+    if eval_cfg.validation_task is None:
+        raise ValueError("eval.validation_task is null: validation is off")
+    num_cpus = eval_cfg.num_cpus if eval_cfg.validation_num_cpus is None else eval_cfg.validation_num_cpus
+    num_gpus = eval_cfg.num_gpus if eval_cfg.validation_num_gpus is None else eval_cfg.validation_num_gpus
     return ray.train.ValidationConfig(
         fn=validate_checkpoint,
         task_config=ray.train.ValidationTaskConfig(
             fn_kwargs={"base_model": base_model, "pooling": pooling, "sts_dir": eval_cfg.sts_dir,
                        "task": eval_cfg.validation_task, "max_length": eval_cfg.max_length,
                        "batch_size": eval_cfg.batch_size, "precision": eval_cfg.precision,
-                       "num_threads": max(1, int(eval_cfg.num_cpus))},
+                       "num_threads": max(1, int(num_cpus))},
             timeout_s=eval_cfg.validation_timeout_s,
         ),
-        ray_remote_kwargs={"num_cpus": eval_cfg.num_cpus, "num_gpus": eval_cfg.num_gpus},
+        ray_remote_kwargs={"num_cpus": num_cpus, "num_gpus": num_gpus},
     )
 
 
@@ -186,3 +191,24 @@ def export_best_encoder(checkpoint, out_dir: str | Path, model_cfg: ModelConfig,
     model.load_state_dict(state["model"])
     model.eval()
     return export_encoder(model, tokenizer, out, max_seq_length=max_length)
+
+
+def export_best_decoder(checkpoint, out_dir: str | Path, model_cfg: ModelConfig) -> Path:
+    """Write the decoder of a training checkpoint (rebuilt from its ``state.pt``) to out_dir, as
+    ``tsdae.export.export_decoder`` does for the final one, so that encoder/ and decoder/ of a run's
+    export come from the same step."""
+    import torch
+
+    from tsdae.export import export_decoder
+    from tsdae.model import build_tsdae
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    fs, root = _fs_and_path(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="tsdae-best-") as tmp:
+        state = torch.load(_fetch(fs, f"{root}/{STATE_FILE}", Path(tmp)), map_location="cpu", weights_only=True)
+    model, tokenizer = build_tsdae(model_cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return export_decoder(model, tokenizer, out)
