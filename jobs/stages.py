@@ -77,29 +77,41 @@ def read_stage(cfg: RunConfig) -> dict:
 
 
 def _evaluate_task(model_ref, pooling: str, eval_cfg, subdir: str | None = None) -> dict:
-    """Runs inside a Ray task: fetch the model (a path, a package model or a checkpoint) and score it."""
+    """Runs inside a Ray task: fetch the model (a path, a package model, an fsspec URI or a checkpoint)
+    and score it."""
     import torch
 
-    from tsdae.encode import evaluate_model_dir
-    from tsdae.paths import resolve_model_path
+    from tsdae.encode import evaluate_model_dir, local_model_dir
 
     device = "cuda" if eval_cfg.num_gpus and torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(max(1, int(eval_cfg.num_cpus)))
     if isinstance(model_ref, str):
-        return evaluate_model_dir(resolve_model_path(model_ref), pooling, eval_cfg, device=device)
+        with local_model_dir(model_ref) as model_dir:
+            return evaluate_model_dir(model_dir, pooling, eval_cfg, device=device)
     with model_ref.as_directory() as d:  # a ray.train.Checkpoint, local or in cloud storage
         return evaluate_model_dir(str(Path(d) / subdir), pooling, eval_cfg, device=device)
 
 
 def evaluate_stage(label: str, model_ref, pooling: str, eval_cfg, subdir: str | None = None) -> dict:
-    """Score a model on the STS suite in a Ray task with the evaluation stage's own resources."""
+    """Score a model on the STS suite: with eval.actors >= 1 the encoding is spread over that many Ray
+    Data model actors (``tsdae.distributed_eval``: every pair is checked to come back exactly once);
+    otherwise one Ray task with the evaluation stage's own resources does it all.
+
+    model_ref: a model path, ``package:`` name or fsspec URI, or a ray.train.Checkpoint whose ``subdir``
+    holds the encoder. pooling may be "auto" for a model_ref string (read from the model's files).
+    """
     import ray
 
     announce(f"evaluate {label}")
-    task = ray.remote(_evaluate_task).options(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus)
     try:
-        result = ray.get(task.remote(model_ref, pooling, eval_cfg, subdir))
+        if eval_cfg.actors >= 1:
+            from tsdae.distributed_eval import evaluate_distributed
+
+            result = evaluate_distributed(model_ref, pooling, eval_cfg, subdir=subdir)
+        else:
+            task = ray.remote(_evaluate_task).options(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus)
+            result = ray.get(task.remote(model_ref, pooling, eval_cfg, subdir))
     except Exception as e:
         raise StageError(EXIT_EVAL, f"evaluation of {label} failed: {e}") from e
     tasks = ", ".join(f"{t} {r['all']:.2f}" for t, r in result["tasks"].items())
@@ -130,7 +142,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str):
     )
     trainer = build_trainer(
         dataset, model=cfg.model, train=cfg.train, scale=cfg.scale, max_length=cfg.corrupt.max_length,
-        rows=rows, name=run_name, storage_path=cfg.storage_path, stop_flag=flag,
+        rows=rows, name=run_name, storage_path=cfg.storage_path, stop_flag=flag, eval_cfg=cfg.eval,
     )
 
     def on_sigterm(signum, frame):
@@ -177,27 +189,103 @@ def export_stage(checkpoint, out_dir: Path) -> dict:
     return summary
 
 
+def select_model(result, validate: bool) -> dict:
+    """Which checkpoint of a finished run is its model.
+
+    With validation, the kept checkpoint with the best dev score (``tsdae.validation.best_checkpoint``);
+    the final checkpoint when it scores at least as well, when no checkpoint was validated, or without
+    validation. Returns {"source": "best_dev" | "final", "checkpoint", "step", "score", "final_checkpoint",
+    "final_step", "final_score"} (scores: VAL_METRIC, None where not validated).
+    """
+    from tsdae.validation import VAL_METRIC, best_checkpoint
+
+    final = result.checkpoint
+    final_metrics = getattr(result, "metrics", None) or {}
+    final_score = final_metrics.get(VAL_METRIC)
+    best = best_checkpoint(result) if validate and getattr(result, "best_checkpoints", None) else None
+    out = {"source": "final", "checkpoint": final, "step": final_metrics.get("step"), "score": final_score,
+           "final_checkpoint": final, "final_step": final_metrics.get("step"), "final_score": final_score}
+    if best is None or str(best[0].path) == str(final.path):
+        return out
+    if final_score is not None and final_score >= best[1][VAL_METRIC]:
+        return out  # a tie goes to the final checkpoint
+    return {**out, "source": "best_dev", "checkpoint": best[0], "step": best[1].get("step"),
+            "score": best[1][VAL_METRIC]}
+
+
+def export_selected(selected: dict, out_dir: Path, cfg: RunConfig) -> Path | None:
+    """After export_stage (the final checkpoint's files): when an earlier checkpoint is the run's model,
+    its encoder and decoder replace ``encoder/`` and ``decoder/``, and the final encoder moves to
+    ``final_encoder/``. Returns final_encoder/ when written, else None (and removes a stale one)."""
+    from tsdae.validation import export_best_decoder, export_best_encoder
+
+    final_dir = out_dir / "final_encoder"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    if selected["source"] != "best_dev":
+        return None
+    announce(f"export best checkpoint (step {selected['step']})")
+    shutil.move(str(out_dir / "encoder"), final_dir)
+    export_best_encoder(selected["checkpoint"], out_dir / "encoder", cfg.model, cfg.corrupt.max_length)
+    export_best_decoder(selected["checkpoint"], out_dir / "decoder", cfg.model)
+    return final_dir
+
+
+def _describe_selection(selected: dict, task: str | None) -> str:
+    def score(value):
+        return "not validated" if value is None else f"{value:.2f}"
+
+    if selected["source"] == "best_dev":
+        return (f"best {task} checkpoint, step {selected['step']} ({score(selected['score'])}; "
+                f"final step {selected['final_step']}: {score(selected['final_score'])})")
+    how = f"{task} {score(selected['score'])}" if task else "validation off"
+    return f"final checkpoint, step {selected['step']} ({how})"
+
+
 def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> dict:
-    """read → evaluate base → train → evaluate trained → export → report; returns the report."""
+    """read → evaluate base (and production) → train, validating checkpoints on the dev task → evaluate
+    the selected checkpoint → export → report and charts; returns the report.
+
+    The run's model (``encoder/``, evaluated as "after") is the checkpoint with the best dev score when
+    validation is on (eval.validation_task), else the final one; see select_model and export_selected.
+    """
     from tsdae.charts import write_charts
     from tsdae.report import build_report, write_report
+    from tsdae.trainer import validation_enabled
+    from tsdae.validation import VAL_METRIC, load_validation_history
 
     started = time.perf_counter()
     stats = read_stage(cfg)
     before = evaluate_stage("base model", cfg.model.name_or_path, cfg.model.pooling, cfg.eval)
+    production = None
+    if cfg.eval.production_model:  # scored with its own pooling ("auto": tsdae.json / sentence-transformers)
+        production = evaluate_stage("production model", cfg.eval.production_model, "auto", cfg.eval)
+    validate = validation_enabled(cfg.eval)
     t_train = time.perf_counter()
     result = train_stage(cfg, stats["rows_kept"], run_name)
     train_seconds = time.perf_counter() - t_train
-    after = evaluate_stage("trained model", result.checkpoint, cfg.model.pooling, cfg.eval, subdir="encoder")
+    validation = []
+    if validate and getattr(result, "path", None):
+        validation = load_validation_history(result.path, getattr(result, "filesystem", None))
+        for record in validation:
+            log.info("%s at step %s: %.2f (%.0f s)", record["val_task"], record["val_step"], record[VAL_METRIC],
+                     record["val_seconds"])
+    selected = select_model(result, validate)
+    label = "trained model" if selected["source"] == "final" else f"trained model (best dev, step {selected['step']})"
+    after = evaluate_stage(label, selected["checkpoint"], cfg.model.pooling, cfg.eval, subdir="encoder")
     summary = export_stage(result.checkpoint, out_dir)
+    final_encoder = export_selected(selected, out_dir, cfg)
     announce("report")
     sentences = sum(summary["rows_trained_per_rank"])
     available = stats["rows_kept"] * cfg.train.epochs
+    task = cfg.eval.validation_task if validate else None
     meta = {
         "run_name": run_name,
         "config": config_label,
         "model": cfg.model.name_or_path,
         "pooling": cfg.model.pooling,
+        "production_model": cfg.eval.production_model,
+        "evaluated_model": _describe_selection(selected, task),
         "corpus": stats,
         "train": {
             **{k: v for k, v in summary.items() if k != "parameter_digests"},
@@ -207,13 +295,29 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> 
             # rows of the corpus stream not trained on: the incomplete last global batch, max_steps
             "rows_not_trained": available - sentences if not cfg.train.max_steps else None,
         },
-        "checkpoint": result.checkpoint.path,
+        # "after", encoder/ and decoder/ are the selected checkpoint; metrics.jsonl and summary.json the run's
+        "model_selection": {
+            "validation": validate,
+            "task": task,
+            "metric": VAL_METRIC,
+            "validations": len(validation),
+            "selected": selected["source"],
+            "selected_step": selected["step"],
+            "selected_score": selected["score"],
+            "selected_checkpoint": selected["checkpoint"].path,
+            "final_step": selected["final_step"],
+            "final_score": selected["final_score"],
+            "final_checkpoint": selected["final_checkpoint"].path,
+        },
+        "checkpoint": selected["checkpoint"].path,
         "encoder_dir": str(out_dir / "encoder"),
+        "final_encoder_dir": str(final_encoder or out_dir / "encoder"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    report = build_report(before, after, meta)
+    report = build_report(before, after, meta, production=production, validation=validation)
     paths = write_report(report, str(out_dir))
     history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
     paths.update(write_charts(report, str(out_dir), history=history))
-    log.info("report: %s; encoder: %s; %.0f s in all", paths, out_dir / "encoder", meta["wall_seconds"])
+    log.info("report: %s; encoder: %s (%s); %.0f s in all", paths, out_dir / "encoder", meta["evaluated_model"],
+             meta["wall_seconds"])
     return report
