@@ -142,8 +142,7 @@ def test_run_validates_checkpoints_exports_the_best_and_compares_with_production
     Ray Train's validation hook; the run's model is the best of them; the report compares base, trained
     and production (the packaged all-MiniLM-L6-v2), lists the dev scores and charts them."""
     from jobs import stages
-    from jobs.config import from_dict
-    from jobs.config import RunConfig
+    from jobs.config import RunConfig, from_dict
     from tsdae.validation import load_validation_history
 
     ray_local.data.DataContext.get_current().enable_progress_bars = False
