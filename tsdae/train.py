@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -20,6 +21,9 @@ from tsdae.config import ModelConfig, TrainConfig
 from tsdae.export import export_decoder, export_encoder
 from tsdae.flops import Shape, matmul_peak_flops, training_flops
 from tsdae.model import build_tsdae
+
+# Through logging, not print: Ray Train both tees and logs a worker's print, so each line showed twice.
+log = logging.getLogger("tsdae.train")
 
 STATE_FILE = "state.pt"
 COMPLETE_FILE = "complete.json"
@@ -213,7 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         if rank == 0:
-            print(f"[train] resumed at step {step} (data position {state['position']})", flush=True)
+            log.info(f"[train] resumed at step {step} (data position {state['position']})")
     model.train()
 
     # 2. Data: this rank's rows of each global batch; a resumed run skips the batches already trained.
@@ -293,10 +297,9 @@ def train_loop_per_worker(config: dict) -> None:
             }
             history.append(metrics)
             if rank == 0:
-                print(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                      f"{metrics['sentences_per_s']:.1f} sentences/s {metrics['tokens_per_s']:.0f} tokens/s "
-                      f"MFU {metrics['mfu']:.1%}",
-                      flush=True)
+                log.info(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                         f"{metrics['sentences_per_s']:.1f} sentences/s {metrics['tokens_per_s']:.0f} tokens/s "
+                         f"MFU {metrics['mfu']:.1%}")
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt_dir = None
                 if checkpoint_now and rank == 0:
@@ -310,7 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
                       "t": time.perf_counter()}
             if stopped:
                 if rank == 0:
-                    print(f"[train] stop requested: checkpointed at step {step}", flush=True)
+                    log.info(f"[train] stop requested: checkpointed at step {step}")
                 break
 
     # 4. Finish: prove the replicas are identical, then rank 0 adds the decoder and the record.
@@ -333,8 +336,8 @@ def train_loop_per_worker(config: dict) -> None:
         "parameter_digests": digests,
     }
     if rank == 0:
-        print(f"[train] done: {step} steps, rows per rank {rows_per_rank}, "
-              f"replicas identical: {summary['replicas_identical']}", flush=True)
+        log.info(f"[train] done: {step} steps, rows per rank {rows_per_rank}, "
+                 f"replicas identical: {summary['replicas_identical']}")
     if stopped:  # the stop checkpoint above (its metrics say "stopped") is the one to resume from
         return
     with tempfile.TemporaryDirectory() as tmp:
