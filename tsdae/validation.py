@@ -169,27 +169,40 @@ def best_checkpoint(result) -> tuple | None:
     return max(scored, key=lambda cm: cm[1][VAL_METRIC]) if scored else None
 
 
+def _model_from_state(checkpoint, model_cfg: ModelConfig):
+    """(TSDAE model in eval mode, tokenizer) rebuilt from a training checkpoint's ``state.pt``."""
+    import torch
+
+    from tsdae.model import build_tsdae
+
+    fs, root = _fs_and_path(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="tsdae-best-") as tmp:
+        state = torch.load(_fetch(fs, f"{root}/{STATE_FILE}", Path(tmp)), map_location="cpu", weights_only=True)
+    model, tokenizer = build_tsdae(model_cfg)
+    model.load_state_dict(state["model"])
+    return model.eval(), tokenizer
+
+
+def _fresh_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    return out
+
+
 def export_best_encoder(checkpoint, out_dir: str | Path, model_cfg: ModelConfig, max_length: int) -> Path:
     """Write the best checkpoint's encoder to out_dir as a sentence-transformers + Hugging Face folder:
     a copy of its ``encoder/`` when it has one, else exported from ``state.pt`` with
     ``tsdae.export.export_encoder`` (the same files as the final export)."""
-    import torch
+    from tsdae.export import export_encoder
 
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
+    out = _fresh_dir(out_dir)
     fs, root = _fs_and_path(checkpoint)
-    with tempfile.TemporaryDirectory(prefix="tsdae-best-") as tmp:
-        if _exists(fs, f"{root}/{ENCODER_SUBDIR}/config.json"):
+    if _exists(fs, f"{root}/{ENCODER_SUBDIR}/config.json"):
+        with tempfile.TemporaryDirectory(prefix="tsdae-best-") as tmp:
             shutil.copytree(_fetch(fs, f"{root}/{ENCODER_SUBDIR}", Path(tmp)), out)
-            return out
-        from tsdae.export import export_encoder
-        from tsdae.model import build_tsdae
-
-        state = torch.load(_fetch(fs, f"{root}/{STATE_FILE}", Path(tmp)), map_location="cpu", weights_only=True)
-    model, tokenizer = build_tsdae(model_cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
+        return out
+    model, tokenizer = _model_from_state(checkpoint, model_cfg)
     return export_encoder(model, tokenizer, out, max_seq_length=max_length)
 
 
@@ -197,18 +210,8 @@ def export_best_decoder(checkpoint, out_dir: str | Path, model_cfg: ModelConfig)
     """Write the decoder of a training checkpoint (rebuilt from its ``state.pt``) to out_dir, as
     ``tsdae.export.export_decoder`` does for the final one, so that encoder/ and decoder/ of a run's
     export come from the same step."""
-    import torch
-
     from tsdae.export import export_decoder
-    from tsdae.model import build_tsdae
 
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    fs, root = _fs_and_path(checkpoint)
-    with tempfile.TemporaryDirectory(prefix="tsdae-best-") as tmp:
-        state = torch.load(_fetch(fs, f"{root}/{STATE_FILE}", Path(tmp)), map_location="cpu", weights_only=True)
-    model, tokenizer = build_tsdae(model_cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
+    out = _fresh_dir(out_dir)
+    model, tokenizer = _model_from_state(checkpoint, model_cfg)
     return export_decoder(model, tokenizer, out)
