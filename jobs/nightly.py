@@ -267,23 +267,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    from jobs.config import ConfigError, load_config
+    from jobs.config import ConfigError
     from jobs.gate import gated_tasks
-    from jobs.stages import EXIT_CONFIG
+    from jobs.stages import EXIT_CONFIG, start_job
 
     # 1. Config: a run config with a nightly section, a single corpus root and a gated STS task.
-    try:
-        cfg = load_config(args.config)
+    def check(cfg) -> None:
         if cfg.nightly is None:
             raise ConfigError(f"{args.config}: no nightly: section")
         if not isinstance(cfg.read.uri, str):
             raise ConfigError(f"{args.config}: read.uri must be one folder of {cfg.nightly.partition_key}= partitions")
         if not gated_tasks(cfg.eval.tasks):
             raise ConfigError(f"{args.config}: eval.tasks has no task of the 7-task average for the gate")
-    except ConfigError as e:
-        log.error("bad config: %s", e)
+
+    cfg = start_job(args.config, check)
+    if cfg is None:
         return EXIT_CONFIG
     through = args.through or (datetime.now(timezone.utc).date() - timedelta(days=1))
 

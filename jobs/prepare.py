@@ -29,16 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    from jobs.config import ConfigError, load_config
-    from jobs.stages import EXIT_CONFIG, EXIT_DATA, connect_ray
+    from jobs.stages import EXIT_CONFIG, EXIT_DATA, connect_ray, start_job
 
     # 1. Config.
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        log.error("bad config: %s", e)
+    cfg = start_job(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     epochs = args.epochs or cfg.train.epochs
     micro_batch, _ = cfg.train.per_worker_batch(cfg.scale.num_workers)  # rows per iter_torch_batches batch

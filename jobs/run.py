@@ -28,16 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    from jobs.config import ConfigError, load_config
-    from jobs.stages import EXIT_CONFIG, StageError, connect_ray, run_all
+    from jobs.stages import EXIT_CONFIG, StageError, connect_ray, run_all, start_job
 
     # 1. Config.
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        log.error("bad config: %s", e)
+    cfg = start_job(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     run_name = args.resume or f"{args.name or cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     out_dir = Path(cfg.output_dir) / run_name

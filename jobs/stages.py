@@ -32,6 +32,23 @@ class StageError(RuntimeError):
         self.exit_code = exit_code
 
 
+def start_job(config_path: str, check=None) -> RunConfig | None:
+    """Set up the job's logging and load its run config; check(cfg) may raise ConfigError for what one
+    job needs beyond a valid config. Returns None after logging why the config is bad (the job then
+    exits with EXIT_CONFIG)."""
+    from jobs.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(config_path)
+        if check is not None:
+            check(cfg)
+    except ConfigError as e:
+        log.error("bad config: %s", e)
+        return None
+    return cfg
+
+
 def announce(name: str) -> None:
     log.info("=== stage: %s", name)
 
