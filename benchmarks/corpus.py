@@ -183,7 +183,6 @@ def run_stage(corpus_dir: str, tokenizer_path: str, batch_size: int) -> dict:
     import ray
 
     from pipeline import build_train_dataset
-    from pipeline.batching import padding_fraction
     from pipeline.config import CorruptConfig, ReadConfig
 
     peak, stop = [0.0], threading.Event()

@@ -15,12 +15,13 @@ run (other load on a shared machine only adds time); the medians are reported be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+
+from benchmarks.publish import publish
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -137,10 +138,7 @@ def main(argv=None) -> dict:
         seconds, dist = run_distributed(model_dir, args.pooling, cfg)
         out.update({"distributed_s": round(seconds, 2), "distributed_actors": 2,
                     "distributed_avg": round(dist["avg7_all"], 4)})
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out), flush=True)
-    return out
+    return publish(out, RESULT)
 
 
 if __name__ == "__main__":

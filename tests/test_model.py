@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tsdae.config import ModelConfig
-from tsdae.model import ModelError, TSDAE, build_tsdae, tsdae_loss
+from tsdae.model import ModelError, build_tsdae, tsdae_loss
 
 SENTENCES = [
     "the cat sat on the mat",
