@@ -86,26 +86,23 @@ def ray_head(tmp_path_factory):
     )
     head = (f"http://127.0.0.1:{dashboard}", env)
     deadline = time.time() + 120
-    while True:
-        try:
-            _client(head, "ping")
-            break
-        except RuntimeError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.terminate()
-                raise
-            time.sleep(3)
+
+    def retry(call) -> None:
+        """call() until it stops raising RuntimeError; give up (stopping the head) at the deadline."""
+        while True:
+            try:
+                call()
+                return
+            except RuntimeError:
+                if time.time() > deadline or proc.poll() is not None:
+                    proc.terminate()
+                    raise
+                time.sleep(3)
+
+    retry(lambda: _client(head, "ping"))
     # The job API answers before the head's agent takes jobs ("No available agent to submit job"): submit
     # a no-op job until it is accepted, so that the first real submission, by CLI or client, is not refused.
-    while True:
-        try:
-            _client(head, "wait", _client(head, "submit", json.dumps({"entrypoint": "true"}))["job_id"])
-            break
-        except RuntimeError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.terminate()
-                raise
-            time.sleep(3)
+    retry(lambda: _client(head, "wait", _client(head, "submit", json.dumps({"entrypoint": "true"}))["job_id"]))
     yield head
     proc.terminate()
     proc.wait(timeout=60)
