@@ -172,7 +172,7 @@ def ours_loss(model, batch: Batch, decoder_mask: bool = False) -> torch.Tensor:
 
     emb_BH = model.embed(batch.noisy_input_ids, batch.noisy_attention_mask)
     return tsdae_loss(model.decoder, emb_BH, batch.target_ids, model.pad_id, batch.target_attention_mask,
-                      fast=model.fast_decoder)
+                      fast=model.fast)
 
 
 def reference_loss(loss_module, batch: Batch) -> torch.Tensor:

@@ -37,9 +37,17 @@ def test_training_flops_match_torch_flop_counter(small_tsdae):
     H, L, P = shape.hidden, shape.layers, T - 1
     # torch counts every query-key pair of the causal self-attention; we count the P(P+1)/2 needed ones.
     full_minus_causal = 3 * L * 4 * H * (P * P - P * (P + 1) // 2)
-    pooler = 2 * H * H  # BERT's pooler runs in the forward; nothing uses it, nothing trains it
-    expected = training_flops(shape, [S], [T]) + full_minus_causal + pooler
+    # (BERT's pooler is not run: nothing uses it. With CLS pooling the encoder's last layer runs past its
+    # keys and values for the first token only, which the count assumes by default.)
+    expected = training_flops(shape, [S], [T]) + full_minus_causal
     assert counter.get_total_flops() == expected
+
+
+def test_full_last_layer_count_adds_the_other_tokens_work():
+    shape = Shape(hidden=384, intermediate=1536, layers=6, vocab=30522)
+    S, H, F = 12, 384, 1536
+    full, cls_only = forward_flops(shape, S, 28, first_token_only=False), forward_flops(shape, S, 28)
+    assert full - cls_only == (S - 1) * 2 * (2 * H * H + 2 * H * F) + 4 * (S * S - S) * H
 
 
 def test_plain_decoder_count_adds_the_per_token_cross_attention():

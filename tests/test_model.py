@@ -31,14 +31,14 @@ def tiny(tiny_bert_dir):
     return model.eval(), tokenizer
 
 
-@pytest.mark.parametrize("fast_decoder", [True, False])
-def test_loss_equals_reference_implementation(tiny_bert_dir, tiny, fast_decoder):
+@pytest.mark.parametrize("fast", [True, False])
+def test_loss_equals_reference_implementation(tiny_bert_dir, tiny, fast):
     st = pytest.importorskip("sentence_transformers")
     from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     model, tokenizer = tiny
-    model.fast_decoder = fast_decoder  # the fast BERT path (the default) and the plain Hugging Face call
+    model.fast = fast  # the fast BERT paths (the default) and the plain Hugging Face call
     reference = st.SentenceTransformer(
         modules=[
             Transformer(tiny_bert_dir, max_seq_length=64),

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertLMHeadModel
 
+from tsdae.fast_encoder import bert_embeddings
+
 
 def supports_fast_decoder(decoder: nn.Module) -> bool:
     """True for a Hugging Face BERT causal LM with cross-attention (the layout this file relies on)."""
@@ -121,7 +123,7 @@ def decoder_hidden_states(
     (through the Hugging Face module), for comparison.
     """
     bert = decoder.base_model
-    x_BTH = bert.embeddings(input_ids=input_ids_BT)
+    x_BTH = bert_embeddings(bert.embeddings, input_ids_BT)
     B, T, _ = x_BTH.shape
     mask_B1TT = None
     if attention_mask_BT is not None:

@@ -27,18 +27,26 @@ class Shape:
         return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size)
 
 
-def forward_flops(shape: Shape, noisy_tokens: int, target_tokens: int, *, single_key: bool = True) -> int:
+def forward_flops(shape: Shape, noisy_tokens: int, target_tokens: int, *, single_key: bool = True,
+                  first_token_only: bool = True) -> int:
     """Forward matmul FLOPs of one sentence: encoder on its noisy tokens, decoder on its target.
 
     The decoder reads target_tokens - 1 positions and predicts as many labels (all real tokens).
     single_key=True counts what the model needs: the cross-attention's value and output projections once
     per sentence. False counts what the plain Hugging Face decoder does: a query and an output projection
     per token, a key and a value per sentence, and the attention products against the one key.
+    first_token_only=True (CLS pooling) counts what the sentence vector needs of the encoder's last layer:
+    keys and values of every token, the rest for the first token only. False: the full last layer.
     """
     H, F, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     S, P = noisy_tokens, target_tokens - 1
     per_token_layer = 2 * (4 * H * H + 2 * H * F)  # q, k, v, attention output; FFN in and out
-    encoder = L * (S * per_token_layer + 4 * S * S * H)  # + QK^T and AV over all S×S pairs
+    full_layer = S * per_token_layer + 4 * S * S * H  # + QK^T and AV over all S×S pairs
+    if first_token_only:
+        last_layer = S * 2 * 2 * H * H + 2 * (2 * H * H + 2 * H * F) + 4 * S * H
+    else:
+        last_layer = full_layer
+    encoder = (L - 1) * full_layer + last_layer
     causal_pairs = P * (P + 1) // 2
     self_attention = P * per_token_layer + 4 * causal_pairs * H
     if single_key:
@@ -49,9 +57,11 @@ def forward_flops(shape: Shape, noisy_tokens: int, target_tokens: int, *, single
     return encoder + L * (self_attention + cross) + head
 
 
-def training_flops(shape: Shape, noisy_lengths, target_lengths, *, single_key: bool = True) -> int:
+def training_flops(shape: Shape, noisy_lengths, target_lengths, *, single_key: bool = True,
+                   first_token_only: bool = True) -> int:
     """Model FLOPs of a training step over sentences with these token counts (3 × forward)."""
-    return 3 * sum(forward_flops(shape, s, t, single_key=single_key) for s, t in zip(noisy_lengths, target_lengths))
+    return 3 * sum(forward_flops(shape, s, t, single_key=single_key, first_token_only=first_token_only)
+                   for s, t in zip(noisy_lengths, target_lengths))
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,

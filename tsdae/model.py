@@ -12,6 +12,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from tsdae.config import ModelConfig
+from tsdae.dropout import use_fast_dropout
+from tsdae.fast_encoder import encoder_hidden_states, supports_fast_encoder
 from tsdae.fast_decoder import (
     cross_attention_projections,
     decoder_hidden_states,
@@ -68,24 +70,30 @@ class TSDAE(nn.Module):
     """Encoder + pooling + decoder in one module, so one DDP wrapper synchronises all of their gradients.
 
     forward(noisy_input_ids_BS, noisy_attention_mask_BS, target_ids_BT) -> scalar loss.
-    fast_decoder: use tsdae.fast_decoder where the decoder supports it (see tsdae_loss).
+    fast: train through tsdae.fast_encoder / tsdae.fast_decoder where the model is BERT (same loss within
+    float rounding, tested); False: the plain Hugging Face calls (the reference's computation).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, pooling: str, pad_id: int, fast_decoder: bool = True):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, pooling: str, pad_id: int, fast: bool = True):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.pooling = pooling
         self.pad_id = pad_id
-        self.fast_decoder = fast_decoder
+        self.fast = fast
 
     def embed(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
-        hidden_BSH = self.encoder(input_ids=input_ids_BS, attention_mask=attention_mask_BS).last_hidden_state
+        if self.fast and supports_fast_encoder(self.encoder):
+            if self.pooling == "cls":  # only the first token's last-layer state is needed
+                return encoder_hidden_states(self.encoder, input_ids_BS, attention_mask_BS, first_token_only=True)
+            hidden_BSH = encoder_hidden_states(self.encoder, input_ids_BS, attention_mask_BS)
+        else:
+            hidden_BSH = self.encoder(input_ids=input_ids_BS, attention_mask=attention_mask_BS).last_hidden_state
         return pool(hidden_BSH, attention_mask_BS, self.pooling)
 
     def forward(self, noisy_input_ids, noisy_attention_mask, target_ids):
         emb_BH = self.embed(noisy_input_ids, noisy_attention_mask)
-        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id, fast=self.fast_decoder)
+        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id, fast=self.fast)
 
 
 def tie_decoder_to_encoder(encoder: nn.Module, decoder: nn.Module) -> int:
@@ -182,4 +190,6 @@ def build_tsdae(cfg: ModelConfig) -> tuple[TSDAE, "AutoTokenizer"]:
         # path. Frozen, they get no optimizer state and DDP waits for no gradient of theirs.
         for param in cross_attention_projections(decoder):
             param.requires_grad_(False)
-    return TSDAE(encoder, decoder, cfg.pooling, tokenizer.pad_token_id), tokenizer
+    model = TSDAE(encoder, decoder, cfg.pooling, tokenizer.pad_token_id)
+    use_fast_dropout(model)  # cheaper CPU masks, same p (tsdae.dropout); nn.Dropout elsewhere
+    return model, tokenizer

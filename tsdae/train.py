@@ -271,7 +271,8 @@ def train_loop_per_worker(config: dict) -> None:
         window["sentences"] += n
         window["tokens"] += local_tokens + n
         window["flops"] += training_flops(shape, [len(x) for x in batch["noisy_ids"]],
-                                          [len(t) for t in batch["target_ids"]])
+                                          [len(t) for t in batch["target_ids"]],
+                                          first_token_only=model_cfg.pooling == "cls")
 
         # The last step's checkpoint is the final one, written below with the export.
         checkpoint_now = bool(train_cfg.checkpoint_every) and step % train_cfg.checkpoint_every == 0 \
