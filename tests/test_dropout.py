@@ -68,3 +68,10 @@ def test_every_element_of_a_word_drops_alike():
     mask = keep_scale_mask(torch.Size([400_000, 4]), 0.5, torch.float32, torch.device("cpu"))
     per_share = (mask == 0).float().mean(0)
     torch.testing.assert_close(per_share, torch.full((4,), 0.5), atol=0.005, rtol=0)
+
+
+def test_use_fast_dropout_can_be_undone():
+    model = nn.Sequential(nn.Dropout(0.2), nn.Linear(3, 3), nn.Dropout(0.4))
+    use_fast_dropout(model)
+    assert use_fast_dropout(model, fast=False) == 2
+    assert [(type(m), m.p) for m in model.modules() if isinstance(m, nn.Dropout)] == [(nn.Dropout, 0.2), (nn.Dropout, 0.4)]

@@ -9,6 +9,7 @@ from tsdae.config import ModelConfig
 from tsdae.fast_decoder import (
     cross_attention_projections,
     decoder_hidden_states,
+    decoder_label_states,
     project_dropped_heads,
     supports_fast_decoder,
 )
@@ -111,3 +112,18 @@ def test_other_decoders_take_the_plain_path(tiny_bert_dir):
     config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, is_decoder=True, add_cross_attention=True)
     assert not supports_fast_decoder(RobertaForCausalLM(config))
+
+
+def test_packed_label_states_equal_the_padded_path_at_real_labels(tiny):
+    """Packing the decoder to the positions with a real label (a prefix of each right-padded row) changes
+    nothing there: causal attention never looks past them."""
+    model, target = tiny
+    model.eval()
+    emb = torch.randn(len(SENTENCES), 32)
+    ids, labels = target["input_ids"][:, :-1], target["input_ids"][:, 1:]
+    keep = labels != model.pad_id
+    assert (keep != (ids != model.pad_id)).any(), "the [SEP] input positions must be dropped too"
+    with torch.no_grad():
+        padded = decoder_hidden_states(model.decoder, emb, ids)[keep]
+        packed = decoder_label_states(model.decoder, emb, ids, keep)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)

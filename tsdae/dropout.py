@@ -33,6 +33,14 @@ def keep_scale_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: tor
     return keep.to(dtype).mul_(_LEVELS / (_LEVELS - drop_levels))
 
 
+def dropout_multiplier(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A dropout multiplier (0 where dropped, the survivors' scale elsewhere): keep_scale_mask on CPU,
+    torch's Bernoulli elsewhere."""
+    if device.type == "cpu":
+        return keep_scale_mask(shape, p, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
 class FastDropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on CPU (see the module docstring); a drop-in, same ``p``."""
 
@@ -42,15 +50,17 @@ class FastDropout(nn.Dropout):
         return x * keep_scale_mask(x.shape, self.p, x.dtype, x.device)
 
 
-def use_fast_dropout(module: nn.Module) -> int:
-    """Replace every plain nn.Dropout inside module by a FastDropout with the same p; returns how many.
+def use_fast_dropout(module: nn.Module, fast: bool = True) -> int:
+    """Replace every nn.Dropout inside module by a FastDropout with the same p (fast=False: back to plain
+    nn.Dropout); returns how many were replaced.
 
     Dropout holds no parameters or buffers, so state dicts, checkpoints and exports are unchanged.
     """
+    source, target = (nn.Dropout, FastDropout) if fast else (FastDropout, nn.Dropout)
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, FastDropout(child.p, child.inplace))
+            if type(child) is source:
+                setattr(parent, name, target(child.p, child.inplace))
                 replaced += 1
     return replaced

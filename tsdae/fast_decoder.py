@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertLMHeadModel
 
-from tsdae.fast_encoder import bert_embeddings
+from tsdae.dropout import dropout_multiplier
+from tsdae.fast_encoder import bert_embeddings, padded_heads
 
 
 def supports_fast_decoder(decoder: nn.Module) -> bool:
@@ -76,23 +77,26 @@ def _self_attention(attention: nn.Module, x_BTH: torch.Tensor, mask_B1TT: torch.
     return attention.output(ctx_BTH, x_BTH)
 
 
-def _single_key_cross_attention(attention: nn.Module, x_BTH: torch.Tensor, emb_BH: torch.Tensor) -> torch.Tensor:
-    """Cross-attention to a memory of one vector per sentence, and its output block.
+def _cross_context_projection(attention: nn.Module, emb_BH: torch.Tensor, T: int) -> torch.Tensor:
+    """The projected cross-attention context of every position, proj_BTH (before output dropout/LayerNorm).
 
     Equal to Hugging Face's BertAttention(is_cross_attention=True) on encoder_hidden_states=emb_BH[:, None]:
     every token's context is the sentence's value vector (times the attention-dropout keep mask).
     """
     heads, out = attention.self, attention.output
-    B, T, H = x_BTH.shape
-    N = heads.num_attention_heads
+    B, H = emb_BH.shape
     v_BH = heads.value(emb_BH)
     p = heads.dropout.p if attention.training else 0.0
     if p == 0.0:
-        proj_BTH = out.dense(v_BH)[:, None, :].expand(B, T, H)  # once per sentence, not per token
-    else:
-        keep_BTN = torch.empty(B, T, N, device=x_BTH.device, dtype=v_BH.dtype).bernoulli_(1.0 - p).div_(1.0 - p)
-        proj_BTH = project_dropped_heads(out.dense, v_BH, keep_BTN)
-    return out.LayerNorm(out.dropout(proj_BTH) + x_BTH)
+        return out.dense(v_BH)[:, None, :].expand(B, T, H)  # once per sentence, not per token
+    keep_BTN = dropout_multiplier(torch.Size([B, T, heads.num_attention_heads]), p, v_BH.dtype, v_BH.device)
+    return project_dropped_heads(out.dense, v_BH, keep_BTN)
+
+
+def _single_key_cross_attention(attention: nn.Module, x_BTH: torch.Tensor, emb_BH: torch.Tensor) -> torch.Tensor:
+    """Cross-attention to a memory of one vector per sentence, and its output block."""
+    out = attention.output
+    return out.LayerNorm(out.dropout(_cross_context_projection(attention, emb_BH, x_BTH.shape[1])) + x_BTH)
 
 
 def project_dropped_heads(dense: nn.Linear, v_BH: torch.Tensor, keep_BTN: torch.Tensor) -> torch.Tensor:
@@ -115,15 +119,16 @@ def decoder_hidden_states(
     attention_mask_BT: torch.Tensor | None = None,
     *,
     single_key_cross_attention: bool = True,
+    sparse_grad: bool = True,
 ) -> torch.Tensor:
     """The decoder body's last hidden states, hidden_BTH, for input_ids_BT cross-attending to emb_BH.
 
     attention_mask_BT: None (causal only; right padding is invisible to real tokens) or 1 for real
     tokens, 0 for padding. single_key_cross_attention=False runs the full query/key/softmax path
-    (through the Hugging Face module), for comparison.
+    (through the Hugging Face module), for comparison. sparse_grad: see tsdae.fast_encoder.bert_embeddings.
     """
     bert = decoder.base_model
-    x_BTH = bert_embeddings(bert.embeddings, input_ids_BT)
+    x_BTH = bert_embeddings(bert.embeddings, input_ids_BT, sparse_grad)
     B, T, _ = x_BTH.shape
     mask_B1TT = None
     if attention_mask_BT is not None:
@@ -138,6 +143,39 @@ def decoder_hidden_states(
             x_BTH, _ = layer.crossattention(x_BTH, None, memory_B1H, None)
         x_BTH = layer.output(layer.intermediate(x_BTH), x_BTH)
     return x_BTH
+
+
+def decoder_label_states(decoder: nn.Module, emb_BH: torch.Tensor, input_ids_BT: torch.Tensor,
+                         keep_BT: torch.Tensor, *, sparse_grad: bool = True) -> torch.Tensor:
+    """The decoder's last hidden states at the positions keep_BT marks, packed: hidden_NH (row-major order,
+    as hidden_BTH[keep_BT]).
+
+    keep_BT: the positions whose label is a real token. With right padding they are a prefix of every row
+    (the last real input, [SEP], has a padding label), so under causal attention they depend on nothing
+    else: every linear layer runs on those N rows only, and only the attention itself sees the padded
+    B×T layout.
+    """
+    bert = decoder.base_model
+    x_BTH = bert_embeddings(bert.embeddings, input_ids_BT, sparse_grad)
+    B, T, H = x_BTH.shape
+    index_N = keep_BT.reshape(-1).nonzero().squeeze(1)
+    x_NH = x_BTH.reshape(B * T, H).index_select(0, index_N)
+    for layer in bert.encoder.layer:
+        attention = layer.attention
+        heads = attention.self
+        n = heads.num_attention_heads
+        ctx_BnTD = F.scaled_dot_product_attention(
+            *(padded_heads(proj(x_NH), index_N, B, T, n) for proj in (heads.query, heads.key, heads.value)),
+            dropout_p=heads.dropout.p if attention.training else 0.0,
+            is_causal=True,
+            scale=heads.attention_head_size ** -0.5,
+        )
+        x_NH = attention.output(ctx_BnTD.transpose(1, 2).reshape(B * T, H).index_select(0, index_N), x_NH)
+        out = layer.crossattention.output
+        proj_NH = _cross_context_projection(layer.crossattention, emb_BH, T).reshape(B * T, H).index_select(0, index_N)
+        x_NH = out.LayerNorm(out.dropout(proj_NH) + x_NH)
+        x_NH = layer.output(layer.intermediate(x_NH), x_NH)
+    return x_NH
 
 
 def label_logits(decoder: nn.Module, hidden_NH: torch.Tensor) -> torch.Tensor:

@@ -36,14 +36,14 @@ def supports_fast_encoder(encoder: nn.Module) -> bool:
     )
 
 
-def bert_embeddings(embeddings: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def bert_embeddings(embeddings: nn.Module, input_ids: torch.Tensor, sparse_grad: bool = True) -> torch.Tensor:
     """BertEmbeddings(input_ids), with the word-embedding lookup's gradient sparse (see the module doc)."""
     words = embeddings.word_embeddings
-    inputs_embeds = F.embedding(input_ids, words.weight, words.padding_idx, sparse=True)
+    inputs_embeds = F.embedding(input_ids, words.weight, words.padding_idx, sparse=sparse_grad)
     return embeddings(inputs_embeds=inputs_embeds)
 
 
-def _padded_heads(t_NH: torch.Tensor, index_N: torch.Tensor, B: int, S: int, heads: int) -> torch.Tensor:
+def padded_heads(t_NH: torch.Tensor, index_N: torch.Tensor, B: int, S: int, heads: int) -> torch.Tensor:
     """Packed rows t_NH back into the padded batch, split into heads: B×heads×S×D (zero at padding)."""
     H = t_NH.shape[-1]
     return t_NH.new_zeros(B * S, H).index_copy(0, index_N, t_NH).view(B, S, heads, -1).transpose(1, 2)
@@ -61,9 +61,9 @@ def _packed_layer(layer: nn.Module, x_NH: torch.Tensor, index_N: torch.Tensor, B
     N = heads.num_attention_heads
     x_QH = x_NH if query_rows is None else x_NH.index_select(0, query_rows)
     q = heads.query(x_QH)
-    q_BNQD = _padded_heads(q, index_N, B, S, N) if query_rows is None else q.view(B, 1, N, -1).transpose(1, 2)
+    q_BNQD = padded_heads(q, index_N, B, S, N) if query_rows is None else q.view(B, 1, N, -1).transpose(1, 2)
     ctx_BNQD = F.scaled_dot_product_attention(
-        q_BNQD, _padded_heads(heads.key(x_NH), index_N, B, S, N), _padded_heads(heads.value(x_NH), index_N, B, S, N),
+        q_BNQD, padded_heads(heads.key(x_NH), index_N, B, S, N), padded_heads(heads.value(x_NH), index_N, B, S, N),
         attn_mask=key_mask_B11S,
         dropout_p=heads.dropout.p if attention.training else 0.0,
         scale=heads.attention_head_size ** -0.5,
@@ -75,14 +75,15 @@ def _packed_layer(layer: nn.Module, x_NH: torch.Tensor, index_N: torch.Tensor, B
 
 
 def encoder_hidden_states(encoder: nn.Module, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor,
-                          *, first_token_only: bool = False) -> torch.Tensor:
+                          *, first_token_only: bool = False, sparse_grad: bool = True) -> torch.Tensor:
     """The encoder's last hidden states, hidden_BSH: Hugging Face's at real tokens, zero at padding.
 
     first_token_only: return only each sentence's first-token state, emb_BH (CLS pooling), computing the
     last layer past its keys and values for those tokens alone. Needs every sentence's first position
-    real (right padding); otherwise the full last layer runs.
+    real (right padding); otherwise the full last layer runs. sparse_grad=False: a dense lookup gradient
+    (for comparison).
     """
-    x_BSH = bert_embeddings(encoder.embeddings, input_ids_BS)
+    x_BSH = bert_embeddings(encoder.embeddings, input_ids_BS, sparse_grad)
     B, S, H = x_BSH.shape
     index_N = attention_mask_BS.reshape(-1).nonzero().squeeze(1)
     x_NH = x_BSH.reshape(B * S, H).index_select(0, index_N)

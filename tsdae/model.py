@@ -17,6 +17,7 @@ from tsdae.fast_encoder import encoder_hidden_states, supports_fast_encoder
 from tsdae.fast_decoder import (
     cross_attention_projections,
     decoder_hidden_states,
+    decoder_label_states,
     label_logits,
     supports_fast_decoder,
 )
@@ -53,9 +54,12 @@ def tsdae_loss(
     labels_BT = target_ids_BT[:, 1:]
     mask = None if decoder_attention_mask_BT is None else decoder_attention_mask_BT[:, :-1]
     if fast and supports_fast_decoder(decoder):
-        hidden_BTH = decoder_hidden_states(decoder, emb_BH, input_ids_BT, mask)
         keep_BT = labels_BT != pad_id
-        logits_NV = label_logits(decoder, hidden_BTH[keep_BT])
+        if mask is None:
+            hidden_NH = decoder_label_states(decoder, emb_BH, input_ids_BT, keep_BT)
+        else:
+            hidden_NH = decoder_hidden_states(decoder, emb_BH, input_ids_BT, mask)[keep_BT]
+        logits_NV = label_logits(decoder, hidden_NH)
         return F.cross_entropy(logits_NV.float(), labels_BT[keep_BT])
     logits_BTV = decoder(
         input_ids=input_ids_BT,
