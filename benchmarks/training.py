@@ -244,6 +244,7 @@ ABLATION_VARIANTS = {  # name: (process, loss variant, length-aware batches, fus
     "+packed_decoder": ("ours", "packed_decoder", True, True, False, False),
     "+packed_encoder_cls_only": ("ours", "packed_encoder", True, True, False, False),
     "+sparse_embedding_grads": ("ours", "sparse_embedding_grads", True, True, False, False),
+    "+in_place_tied_gradient_sum": ("ours", "tied_gradient_last", True, True, False, False),
     "+fast_dropout_masks": ("ours", "ours", True, True, False, False),
     "+bf16_autocast": ("ours", "ours", True, True, False, True),
     "+torch_compile": ("ours", "compiled", True, True, False, False),
@@ -368,7 +369,7 @@ class Ablation:
 
     def __init__(self, side: Side):
         from tsdae import fast_decoder, fast_encoder
-        from tsdae.model import tsdae_loss
+        from tsdae.model import gradient_last, tsdae_loss
         from tsdae.pooling import pool
 
         args, model = side.args, side.ablation_model
@@ -391,9 +392,13 @@ class Ablation:
             hidden = model.encoder(input_ids=batch.noisy_input_ids, attention_mask=batch.noisy_attention_mask)
             return pool(hidden.last_hidden_state, batch.noisy_attention_mask, "cls")
 
-        def staged(single_key=True, mask=False, packed_decoder=False, packed_encoder=False, sparse=False):
+        def staged(single_key=True, mask=False, packed_decoder=False, packed_encoder=False, sparse=False,
+                   tied_gradient_last=False):
             """Our loss with the later optimisations switched on one at a time."""
             def loss(batch: Batch) -> torch.Tensor:
+                output_weight = None
+                if tied_gradient_last:
+                    output_weight = gradient_last(model.decoder.get_output_embeddings().weight)
                 if packed_encoder:
                     emb_BH = fast_encoder.encoder_hidden_states(model.encoder, batch.noisy_input_ids,
                                                                 batch.noisy_attention_mask, first_token_only=True,
@@ -408,7 +413,7 @@ class Ablation:
                     hidden = fast_decoder.decoder_hidden_states(
                         model.decoder, emb_BH, ids, batch.target_attention_mask[:, :-1] if mask else None,
                         single_key_cross_attention=single_key, sparse_grad=sparse)[keep]
-                logits = fast_decoder.label_logits(model.decoder, hidden)
+                logits = fast_decoder.label_logits(model.decoder, hidden, output_weight)
                 return torch.nn.functional.cross_entropy(logits, labels[keep])
             return loss
 
@@ -423,6 +428,8 @@ class Ablation:
             "packed_decoder": staged(packed_decoder=True),
             "packed_encoder": staged(packed_decoder=True, packed_encoder=True),
             "sparse_embedding_grads": staged(packed_decoder=True, packed_encoder=True, sparse=True),
+            "tied_gradient_last": staged(packed_decoder=True, packed_encoder=True, sparse=True,
+                                         tied_gradient_last=True),
             "ours": lambda b: ours_loss(model, b),
         }
         if args.compile:

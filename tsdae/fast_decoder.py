@@ -178,6 +178,11 @@ def decoder_label_states(decoder: nn.Module, emb_BH: torch.Tensor, input_ids_BT:
     return x_NH
 
 
-def label_logits(decoder: nn.Module, hidden_NH: torch.Tensor) -> torch.Tensor:
-    """The LM head (transform + vocabulary projection) on selected positions: logits_NV."""
-    return decoder.cls(hidden_NH)
+def label_logits(decoder: nn.Module, hidden_NH: torch.Tensor, weight_VH: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head (transform + vocabulary projection) on selected positions: logits_NV.
+
+    weight_VH: the vocabulary matrix to project with, if not the head's own (the same values)."""
+    if weight_VH is None:
+        return decoder.cls(hidden_NH)
+    head = decoder.cls.predictions
+    return F.linear(head.transform(hidden_NH), weight_VH, head.decoder.bias)

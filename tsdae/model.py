@@ -37,6 +37,7 @@ def tsdae_loss(
     decoder_attention_mask_BT: torch.Tensor | None = None,
     *,
     fast: bool = True,
+    output_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruction loss: the decoder predicts target token t+1 from tokens <= t and the sentence vector.
 
@@ -49,6 +50,8 @@ def tsdae_loss(
     fast: for a BERT decoder, run tsdae.fast_decoder (same loss within float rounding, tested): no
     per-token cross-attention query/key work, and the LM head only at non-pad labels. Other decoders,
     and fast=False, take the plain Hugging Face call (the reference's computation).
+    output_weight: the fast path's vocabulary matrix, if not the decoder's own (TSDAE.forward passes it
+    through gradient_last).
     """
     input_ids_BT = target_ids_BT[:, :-1]
     labels_BT = target_ids_BT[:, 1:]
@@ -59,7 +62,7 @@ def tsdae_loss(
             hidden_NH = decoder_label_states(decoder, emb_BH, input_ids_BT, keep_BT)
         else:
             hidden_NH = decoder_hidden_states(decoder, emb_BH, input_ids_BT, mask)[keep_BT]
-        logits_NV = label_logits(decoder, hidden_NH)
+        logits_NV = label_logits(decoder, hidden_NH, output_weight)
         return F.cross_entropy(logits_NV.float(), labels_BT[keep_BT])
     logits_BTV = decoder(
         input_ids=input_ids_BT,
@@ -68,6 +71,30 @@ def tsdae_loss(
         use_cache=False,
     ).logits
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=pad_id)
+
+
+class _GradientLast(torch.autograd.Function):
+    """The identity, as a marker: its backward runs after everything created after it in the forward.
+
+    Autograd runs the ready backward nodes latest-created first, so applied to the tied vocabulary matrix
+    at the start of the forward, the LM head's dense gradient reaches the matrix after the two sparse
+    word-embedding lookups' (tsdae.fast_encoder). That order matters: autograd adds a dense gradient into
+    a sparse one in place, but a sparse one into a dense one out of place, copying the 47 MB matrix twice
+    per step (measured: copy + add 21 → 7 ms per step; +1.9% sentences/s). The sum is the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def gradient_last(x: torch.Tensor) -> torch.Tensor:
+    """x, through _GradientLast: call it before the rest of the forward."""
+    return _GradientLast.apply(x)
 
 
 class TSDAE(nn.Module):
@@ -96,8 +123,11 @@ class TSDAE(nn.Module):
         return pool(hidden_BSH, attention_mask_BS, self.pooling)
 
     def forward(self, noisy_input_ids, noisy_attention_mask, target_ids):
+        output_weight = None
+        if self.fast and supports_fast_decoder(self.decoder):
+            output_weight = gradient_last(self.decoder.get_output_embeddings().weight)
         emb_BH = self.embed(noisy_input_ids, noisy_attention_mask)
-        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id, fast=self.fast)
+        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id, fast=self.fast, output_weight=output_weight)
 
 
 def tie_decoder_to_encoder(encoder: nn.Module, decoder: nn.Module) -> int:
