@@ -3,7 +3,7 @@
     python -m benchmarks.training                 # CPU: ours vs the reference, fp32 (+ ours in bf16), batch 8
     python -m benchmarks.training --device cuda   # GPU: our step on a BERT-base-sized model in bf16
 
-CPU (default), about 10 minutes on an idle 2-core machine. Both implementations start from the same
+CPU (default), about 15 minutes on an idle 2-core machine. Both implementations start from the same
 weights (the packaged all-MiniLM-L6-v2, CLS pooling, the decoder tied to the encoder; the reference's
 decoder-only cross-attention gets our initial values) and train on the same sentences of the corpus with
 the same noise (pipeline.noise, 0.6 of the words *deleted*; sentence-transformers' example keeps 0.6
@@ -721,8 +721,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 64 on cuda")
     p.add_argument("--chunk", type=int, default=20, help="steps per alternating chunk")
     p.add_argument("--eval-sentences", type=int, default=128, help="held-out sentences for the final loss")
-    p.add_argument("--ablation-rounds", type=int, default=4, help="0 to skip the ablation")
-    p.add_argument("--ablation-steps", type=int, default=6, help="steps per variant per round (1 is warm-up)")
+    p.add_argument("--ablation-rounds", type=int, default=5, help="0 to skip the ablation")
+    p.add_argument("--ablation-steps", type=int, default=9, help="steps per variant per round (1 is warm-up)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     p.add_argument("--no-stsb", dest="stsb", action="store_false", help="skip the STS-B test scores")
     p.add_argument("--lr", type=float, default=3e-5)
