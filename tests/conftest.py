@@ -67,3 +67,13 @@ def tiny_bert_no_dropout_dir(tiny_bert_dir, tmp_path_factory) -> str:
     BertModel.from_pretrained(tiny_bert_dir, config=config).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def target_sentences() -> list[str]:
+    """Three sentences of different lengths: tokenized together they are right-padded."""
+    return [
+        "the cat sat on the mat",
+        "a much longer sentence about distributed training of sentence embeddings on many machines",
+        "short one",
+    ]

@@ -15,25 +15,18 @@ from tsdae.fast_decoder import (
 )
 from tsdae.model import build_tsdae, tsdae_loss
 
-SENTENCES = [
-    "the cat sat on the mat",
-    "a much longer sentence about distributed training of sentence embeddings on many machines",
-    "short one",
-]
-
-
 @pytest.fixture
-def tiny(tiny_bert_dir):
+def tiny(tiny_bert_dir, target_sentences):
     torch.manual_seed(0)
     model, tokenizer = build_tsdae(ModelConfig(name_or_path=tiny_bert_dir))
-    target = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    target = tokenizer(target_sentences, padding=True, return_tensors="pt")
     assert (target["attention_mask"] == 0).any()
     return model, target
 
 
 def _loss_and_grads(model, target, **kwargs):
     model.zero_grad(set_to_none=True)
-    emb = torch.randn(len(SENTENCES), model.decoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    emb = torch.randn(target["input_ids"].shape[0], model.decoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
     emb.requires_grad_(True)
     loss = tsdae_loss(model.decoder, emb, target["input_ids"], model.pad_id, **kwargs)
     loss.backward()
@@ -73,7 +66,7 @@ def test_dropout_branch_matches_when_dropout_is_negligible(tiny):
 def test_full_cross_attention_variant_matches(tiny):
     model, target = tiny
     model.eval()
-    emb = torch.randn(len(SENTENCES), 32)
+    emb = torch.randn(target["input_ids"].shape[0], 32)
     ids = target["input_ids"][:, :-1]
     with torch.no_grad():
         a = decoder_hidden_states(model.decoder, emb, ids, single_key_cross_attention=True)
@@ -119,7 +112,7 @@ def test_packed_label_states_equal_the_padded_path_at_real_labels(tiny):
     nothing there: causal attention never looks past them."""
     model, target = tiny
     model.eval()
-    emb = torch.randn(len(SENTENCES), 32)
+    emb = torch.randn(target["input_ids"].shape[0], 32)
     ids, labels = target["input_ids"][:, :-1], target["input_ids"][:, 1:]
     keep = labels != model.pad_id
     assert (keep != (ids != model.pad_id)).any(), "the [SEP] input positions must be dropped too"

@@ -11,19 +11,14 @@ from tsdae.fast_encoder import encoder_hidden_states, supports_fast_encoder
 from tsdae.model import build_tsdae
 
 NOISY = ["cat mat", "much longer sentence distributed training embeddings many machines", "short"]
-TARGET = [
-    "the cat sat on the mat",
-    "a much longer sentence about distributed training of sentence embeddings on many machines",
-    "short one",
-]
 
 
 @pytest.fixture
-def tiny(tiny_bert_dir):
+def tiny(tiny_bert_dir, target_sentences):
     torch.manual_seed(0)
     model, tokenizer = build_tsdae(ModelConfig(name_or_path=tiny_bert_dir))
     noisy = tokenizer(NOISY, padding=True, return_tensors="pt")
-    target = tokenizer(TARGET, padding=True, return_tensors="pt")
+    target = tokenizer(target_sentences, padding=True, return_tensors="pt")
     assert (noisy["attention_mask"] == 0).sum() > 5, "the noisy batch must be padded for the test to mean anything"
     return model.eval(), noisy, target
 
@@ -48,12 +43,9 @@ def _step(model, noisy, target, fast: bool):
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
-def test_training_step_equals_plain_path(tiny_bert_dir, pooling):
-    torch.manual_seed(0)
-    model, tokenizer = build_tsdae(ModelConfig(name_or_path=tiny_bert_dir, pooling=pooling))
-    model.eval()
-    noisy = tokenizer(NOISY, padding=True, return_tensors="pt")
-    target = tokenizer(TARGET, padding=True, return_tensors="pt")
+def test_training_step_equals_plain_path(tiny, pooling):
+    model, noisy, target = tiny
+    model.pooling = pooling
     plain_loss, plain = _step(model, noisy, target, fast=False)
     fast_loss, fast = _step(model, noisy, target, fast=True)
     assert fast_loss == pytest.approx(plain_loss, abs=1e-5)
