@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertLMHeadModel
 
 from tsdae.dropout import dropout_multiplier
-from tsdae.fast_encoder import bert_embeddings, padded_heads
+from tsdae.fast_encoder import bert_embeddings, packed_self_attention
 
 
 def supports_fast_decoder(decoder: nn.Module) -> bool:
@@ -161,16 +161,7 @@ def decoder_label_states(decoder: nn.Module, emb_BH: torch.Tensor, input_ids_BT:
     index_N = keep_BT.reshape(-1).nonzero().squeeze(1)
     x_NH = x_BTH.reshape(B * T, H).index_select(0, index_N)
     for layer in bert.encoder.layer:
-        attention = layer.attention
-        heads = attention.self
-        n = heads.num_attention_heads
-        ctx_BnTD = F.scaled_dot_product_attention(
-            *(padded_heads(proj(x_NH), index_N, B, T, n) for proj in (heads.query, heads.key, heads.value)),
-            dropout_p=heads.dropout.p if attention.training else 0.0,
-            is_causal=True,
-            scale=heads.attention_head_size ** -0.5,
-        )
-        x_NH = attention.output(ctx_BnTD.transpose(1, 2).reshape(B * T, H).index_select(0, index_N), x_NH)
+        x_NH = packed_self_attention(layer.attention, x_NH, index_N, B, T, is_causal=True)
         out = layer.crossattention.output
         proj_NH = _cross_context_projection(layer.crossattention, emb_BH, T).reshape(B * T, H).index_select(0, index_N)
         x_NH = out.LayerNorm(out.dropout(proj_NH) + x_NH)

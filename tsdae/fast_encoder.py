@@ -49,28 +49,37 @@ def padded_heads(t_NH: torch.Tensor, index_N: torch.Tensor, B: int, S: int, head
     return t_NH.new_zeros(B * S, H).index_copy(0, index_N, t_NH).view(B, S, heads, -1).transpose(1, 2)
 
 
-def _packed_layer(layer: nn.Module, x_NH: torch.Tensor, index_N: torch.Tensor, B: int, S: int,
-                  key_mask_B11S: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """One BERT layer on packed tokens x_NH (index_N: their positions in the flattened B×S batch).
+def packed_self_attention(attention: nn.Module, x_NH: torch.Tensor, index_N: torch.Tensor, B: int, S: int, *,
+                          key_mask_B11S: torch.Tensor | None = None, is_causal: bool = False,
+                          query_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """A BERT self-attention block (attention, then its output dense/dropout/LayerNorm) on packed tokens
+    x_NH (index_N: their positions in the flattened B×S batch); only the attention sees the padded layout.
 
     query_rows: None for every token, or one packed row per sentence (its first token): then only those
-    rows are computed past the keys and values, and the result is B×H (all that CLS pooling reads).
+    rows are computed past the keys and values, and the result is B×H.
     """
-    attention = layer.attention
     heads = attention.self
-    N = heads.num_attention_heads
+    n = heads.num_attention_heads
     x_QH = x_NH if query_rows is None else x_NH.index_select(0, query_rows)
     q = heads.query(x_QH)
-    q_BNQD = padded_heads(q, index_N, B, S, N) if query_rows is None else q.view(B, 1, N, -1).transpose(1, 2)
-    ctx_BNQD = F.scaled_dot_product_attention(
-        q_BNQD, padded_heads(heads.key(x_NH), index_N, B, S, N), padded_heads(heads.value(x_NH), index_N, B, S, N),
+    q_BnQD = padded_heads(q, index_N, B, S, n) if query_rows is None else q.view(B, 1, n, -1).transpose(1, 2)
+    ctx_BnQD = F.scaled_dot_product_attention(
+        q_BnQD, padded_heads(heads.key(x_NH), index_N, B, S, n), padded_heads(heads.value(x_NH), index_N, B, S, n),
         attn_mask=key_mask_B11S,
         dropout_p=heads.dropout.p if attention.training else 0.0,
+        is_causal=is_causal,
         scale=heads.attention_head_size ** -0.5,
     )
-    ctx_BQH = ctx_BNQD.transpose(1, 2).flatten(2)
+    ctx_BQH = ctx_BnQD.transpose(1, 2).flatten(2)
     ctx_QH = ctx_BQH.reshape(B * S, -1).index_select(0, index_N) if query_rows is None else ctx_BQH.reshape(B, -1)
-    x_QH = attention.output(ctx_QH, x_QH)
+    return attention.output(ctx_QH, x_QH)
+
+
+def _packed_layer(layer: nn.Module, x_NH: torch.Tensor, index_N: torch.Tensor, B: int, S: int,
+                  key_mask_B11S: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One BERT encoder layer on packed tokens (see packed_self_attention for query_rows)."""
+    x_QH = packed_self_attention(layer.attention, x_NH, index_N, B, S, key_mask_B11S=key_mask_B11S,
+                                 query_rows=query_rows)
     return layer.output(layer.intermediate(x_QH), x_QH)
 
 
