@@ -55,3 +55,14 @@ def test_plain_decoder_count_adds_the_per_token_cross_attention():
     ours, plain = forward_flops(shape, 12, 28), forward_flops(shape, 12, 28, single_key=False)
     P, H = 27, 384
     assert plain - ours == 6 * (2 * (2 * P * H * H + 2 * H * H) + 4 * P * H - 4 * H * H)
+
+
+def test_the_peak_is_the_best_library_and_cpu_fp32_measures_onednn_too():
+    from tsdae import linear
+    from tsdae.flops import matmul_peak_by_library, matmul_peak_flops
+
+    peaks = matmul_peak_by_library(torch.device("cpu"), torch.float32, n=128, repeats=1)
+    assert set(peaks) == ({"torch.mm", "onednn"} if linear.available() else {"torch.mm"})
+    assert all(p > 0 for p in peaks.values())
+    assert set(matmul_peak_by_library(torch.device("cpu"), torch.bfloat16, n=64, repeats=1)) == {"torch.mm"}
+    assert matmul_peak_flops(torch.device("cpu"), n=64, repeats=1) > 0

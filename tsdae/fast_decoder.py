@@ -27,6 +27,7 @@ from transformers import BertLMHeadModel
 
 from tsdae.dropout import dropout_multiplier
 from tsdae.fast_encoder import bert_embeddings, packed_self_attention
+from tsdae.linear import FastLinear, bucket_rows, linear_of, runs_on_onednn
 
 
 def supports_fast_decoder(decoder: nn.Module) -> bool:
@@ -176,4 +177,20 @@ def label_logits(decoder: nn.Module, hidden_NH: torch.Tensor, weight_VH: torch.T
     if weight_VH is None:
         return decoder.cls(hidden_NH)
     head = decoder.cls.predictions
-    return F.linear(head.transform(hidden_NH), weight_VH, head.decoder.bias)
+    return linear_of(head.decoder)(head.transform(hidden_NH), weight_VH, head.decoder.bias)
+
+
+def bucket_label_rows(decoder: nn.Module, hidden_NH: torch.Tensor, labels_N: torch.Tensor, ignore_index: int = -100
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden_NH and labels_N padded to tsdae.linear's row bucket when the LM head runs on oneDNN.
+
+    Padding rows are zero states with label ignore_index: the loss and every gradient are unchanged, and
+    the N×vocab logits and their gradient already have the bucketed row count, so the head's oneDNN
+    products need no padded copy of them. Elsewhere both come back as they are.
+    """
+    head = decoder.cls.predictions
+    n = hidden_NH.shape[0]
+    if not (isinstance(head.decoder, FastLinear) and runs_on_onednn(hidden_NH, head.decoder.weight)):
+        return hidden_NH, labels_N
+    rows = bucket_rows(n)
+    return F.pad(hidden_NH, (0, 0, 0, rows - n)), F.pad(labels_N, (0, rows - n), value=ignore_index)

@@ -14,7 +14,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from tsdae.config import ModelConfig
 from tsdae.dropout import use_fast_dropout
 from tsdae.fast_encoder import encoder_hidden_states, supports_fast_encoder
+from tsdae.linear import use_fast_linear
 from tsdae.fast_decoder import (
+    bucket_label_rows,
     cross_attention_projections,
     decoder_hidden_states,
     decoder_label_states,
@@ -62,8 +64,9 @@ def tsdae_loss(
             hidden_NH = decoder_label_states(decoder, emb_BH, input_ids_BT, keep_BT)
         else:
             hidden_NH = decoder_hidden_states(decoder, emb_BH, input_ids_BT, mask)[keep_BT]
+        hidden_NH, labels_N = bucket_label_rows(decoder, hidden_NH, labels_BT[keep_BT])
         logits_NV = label_logits(decoder, hidden_NH, output_weight)
-        return F.cross_entropy(logits_NV.float(), labels_BT[keep_BT])
+        return F.cross_entropy(logits_NV.float(), labels_N)  # bucket rows: label -100, ignored
     logits_BTV = decoder(
         input_ids=input_ids_BT,
         attention_mask=mask,
@@ -227,4 +230,5 @@ def build_tsdae(cfg: ModelConfig) -> tuple[TSDAE, "AutoTokenizer"]:
             param.requires_grad_(False)
     model = TSDAE(encoder, decoder, cfg.pooling, tokenizer.pad_token_id)
     use_fast_dropout(model)  # cheaper CPU masks, same p (tsdae.dropout); nn.Dropout elsewhere
+    use_fast_linear(model)  # fp32 CPU products on oneDNN (tsdae.linear); nn.Linear elsewhere
     return model, tokenizer
