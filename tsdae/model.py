@@ -83,8 +83,10 @@ class _GradientLast(torch.autograd.Function):
     at the start of the forward, the LM head's dense gradient reaches the matrix after the two sparse
     word-embedding lookups' (tsdae.fast_encoder). Autograd adds a sparse gradient to a dense one out of
     place, copying the 47 MB matrix: in the natural order (dense first) that happens twice per step; in
-    this order the two sparse gradients are summed sparsely first and only the last addition copies
-    (profiled: copy + add 21 → 7 ms per step; +1.9% sentences/s). The sum is the same.
+    this order the two sparse gradients are summed sparsely first and only the last addition can copy
+    (profiled: copy + add 21 → 7 ms per step; +1.9% sentences/s). That last one is in place too when the
+    head's gradient is a fresh tensor, as tsdae.linear's oneDNN path returns it (F.linear's is a view, so
+    autograd copies). The sum is the same.
     """
 
     @staticmethod
