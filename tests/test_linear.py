@@ -43,7 +43,11 @@ def test_products_are_fp32_not_an_implicit_bf16():
 
 
 def test_row_buckets():
-    assert [bucket_rows(n) for n in (1, 15, 16, 17, 32)] == [16, 16, 16, 32, 32]
+    assert [bucket_rows(n) for n in (1, 15, 16, 17, 32, 255)] == [16, 16, 16, 32, 32, 256]
+    assert [bucket_rows(n) for n in (256, 257, 1000, 5000)] == [256, 288, 1024, 5120]
+    for n in range(1, 20000, 7):
+        assert n <= bucket_rows(n) < max(n * 1.125, n + 16)
+    assert len({bucket_rows(n) for n in range(1025, 2049)}) == 8
 
 
 @needs_onednn

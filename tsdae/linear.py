@@ -17,8 +17,9 @@ place. The Parameter objects stay the same, so tying, optimizers, DDP, state dic
 unchanged.
 
 oneDNN builds (JIT-compiles) a kernel per problem shape. A TSDAE step's token count changes with every
-batch, so rows are zero-padded to a multiple of ``ROW_BUCKET``. That caps the distinct shapes a run
-builds kernels for. Padding rows contribute nothing: their outputs are dropped, their gradients are zero.
+batch, so rows are zero-padded to a multiple of ``ROW_BUCKET`` (16; coarser for thousands of rows,
+``bucket_rows``). That caps the distinct shapes a run builds kernels for, and keeps them within oneDNN's
+primitive cache (1,024 by default). Padding rows contribute nothing: their outputs are dropped, their gradients are zero.
 Measured over 100 fresh batches: 35.7 sentences/s without buckets, 42.9 with buckets of 16.
 """
 
@@ -53,8 +54,11 @@ def available() -> bool:
 
 
 def bucket_rows(n: int) -> int:
-    """n rounded up to a multiple of ROW_BUCKET."""
-    return -(-n // ROW_BUCKET) * ROW_BUCKET
+    """n rounded up to a multiple of ROW_BUCKET, or of an eighth of n's power of two where that is larger:
+    at most 8 shapes per doubling of n, so a run with large batches builds few kernels too, and under
+    1/8 extra rows."""
+    step = max(ROW_BUCKET, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
 
 
 def _product(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
