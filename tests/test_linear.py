@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsdae import linear
-from tsdae.linear import FastLinear, bucket_rows, fast_linear, runs_on_onednn, use_fast_linear
+from tsdae.linear import FastLinear, bucket_rows, fast_linear, layer_on_onednn, runs_on_onednn, use_fast_linear
 
 needs_onednn = pytest.mark.skipif(not linear.available(), reason="this torch build has no oneDNN linear op")
 
@@ -79,7 +79,10 @@ def test_use_fast_linear_keeps_modules_parameters_and_ties():
     model.append(shared)
     model.append(nn.Sequential(shared))  # the same layer twice: changed once
     before = [id(m) for m in model.modules()], [id(p) for p in model.parameters()], model.state_dict()
+    assert not layer_on_onednn(model[0], torch.randn(2, 4))
     assert use_fast_linear(model) == 3
+    assert layer_on_onednn(model[0], torch.randn(2, 4)) == linear.available()
+    assert not layer_on_onednn(model[0], torch.randn(2, 4, dtype=torch.float64))
     assert all(type(m) is FastLinear for m in model.modules() if isinstance(m, nn.Linear))
     assert [id(m) for m in model.modules()] == before[0] and [id(p) for p in model.parameters()] == before[1]
     assert model.state_dict().keys() == before[2].keys()

@@ -27,7 +27,7 @@ from transformers import BertLMHeadModel
 
 from tsdae.dropout import dropout_multiplier
 from tsdae.fast_encoder import bert_embeddings, packed_self_attention
-from tsdae.linear import FastLinear, bucket_rows, linear_of, runs_on_onednn
+from tsdae.linear import bucket_rows, layer_on_onednn, linear_of
 
 
 def supports_fast_decoder(decoder: nn.Module) -> bool:
@@ -188,9 +188,8 @@ def bucket_label_rows(decoder: nn.Module, hidden_NH: torch.Tensor, labels_N: tor
     the N×vocab logits and their gradient already have the bucketed row count, so the head's oneDNN
     products need no padded copy of them. Elsewhere both come back as they are.
     """
-    head = decoder.cls.predictions
     n = hidden_NH.shape[0]
-    if not (isinstance(head.decoder, FastLinear) and runs_on_onednn(hidden_NH, head.decoder.weight)):
+    if not layer_on_onednn(decoder.cls.predictions.decoder, hidden_NH):
         return hidden_NH, labels_N
     rows = bucket_rows(n)
     return F.pad(hidden_NH, (0, 0, 0, rows - n)), F.pad(labels_N, (0, rows - n), value=ignore_index)

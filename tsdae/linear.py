@@ -19,7 +19,8 @@ unchanged.
 oneDNN builds (JIT-compiles) a kernel per problem shape. A TSDAE step's token count changes with every
 batch, so rows are zero-padded to a multiple of ``ROW_BUCKET`` (16; coarser for thousands of rows,
 ``bucket_rows``). That caps the distinct shapes a run builds kernels for, and keeps them within oneDNN's
-primitive cache (1,024 by default). Padding rows contribute nothing: their outputs are dropped, their gradients are zero.
+primitive cache (1,024 by default). Padding rows contribute nothing: their outputs are dropped, their
+gradients are zero. A caller that pads its rows itself (``layer_on_onednn``) saves the padded copy.
 Measured over 100 fresh batches: 35.7 sentences/s without buckets, 42.9 with buckets of 16.
 """
 
@@ -139,6 +140,11 @@ def use_fast_linear(module: nn.Module, fast: bool = True) -> int:
             layer.__class__ = target
             changed += 1
     return changed
+
+
+def layer_on_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
+    """True where this layer's products on input x run on oneDNN, on rows padded to bucket_rows."""
+    return isinstance(layer, FastLinear) and runs_on_onednn(x, layer.weight)
 
 
 def linear_of(layer: nn.Module):

@@ -14,7 +14,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from tsdae.config import ModelConfig
 from tsdae.dropout import use_fast_dropout
 from tsdae.fast_encoder import encoder_hidden_states, supports_fast_encoder
-from tsdae.linear import use_fast_linear
 from tsdae.fast_decoder import (
     bucket_label_rows,
     cross_attention_projections,
@@ -23,6 +22,7 @@ from tsdae.fast_decoder import (
     label_logits,
     supports_fast_decoder,
 )
+from tsdae.linear import use_fast_linear
 from tsdae.paths import resolve_model_path
 from tsdae.pooling import pool
 
