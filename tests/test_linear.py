@@ -72,6 +72,24 @@ def test_other_dtypes_autocast_and_empty_inputs_take_f_linear(monkeypatch):
     assert torch.equal(fast_linear(x, w.double()), F.linear(x, w.double()))
 
 
+@needs_onednn
+def test_torch_compile_traces_f_linear_not_the_onednn_op():
+    torch.manual_seed(0)
+    layer = FastLinear(8, 6)
+    x = torch.randn(5, 8)
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    compiled = torch.compile(layer, backend=backend, dynamic=True)
+    torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+    assert any("linear" in t for t in traced)
+    assert not any("autograd_function" in t or "mkldnn" in t for t in traced)
+    assert runs_on_onednn(x, layer.weight)  # outside the trace: oneDNN again
+
+
 def test_use_fast_linear_keeps_modules_parameters_and_ties():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4))
     model[2].weight = nn.Parameter(model[0].weight.t().contiguous())

@@ -11,8 +11,8 @@ linear layers. Its fp32 path computes in fp32, with no implicit bf16 (its error 
 same order as MKL's; tested).
 
 ``FastLinear`` is an ``nn.Linear`` whose forward, input gradient and weight gradient go through that op
-when the input is a non-empty fp32 CPU tensor, CPU autocast is off, and the op exists (x86-64 builds
-with oneDNN). Anywhere else it is ``nn.Linear``. ``use_fast_linear`` switches a model's linear layers in
+when the input is a non-empty fp32 CPU tensor, CPU autocast is off, torch.compile is not tracing, and
+the op exists (x86-64 builds with oneDNN). Anywhere else it is ``nn.Linear``. ``use_fast_linear`` switches a model's linear layers in
 place. The Parameter objects stay the same, so tying, optimizers, DDP, state dicts and exports are
 unchanged.
 
@@ -101,7 +101,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where fast_linear(x, weight) takes the oneDNN path."""
+    """True where fast_linear(x, weight) takes the oneDNN path. Not while torch.compile traces: the
+    compiler lowers F.linear itself (it cannot lower this op with dynamic row counts)."""
     return (
         _LINEAR is not None
         and x.device.type == "cpu"
@@ -109,6 +110,7 @@ def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
     )
 
 
