@@ -26,7 +26,8 @@ Then a short alternating ablation measures what each change contributes (same se
 and STS-B test (CLS pooling) is scored before and after training. MFU = counted model FLOPs per
 sentence (tsdae.flops) × sentences/s ÷ the fp32 matmul peak measured between the chunks (bf16: ÷ the
 bf16 peak). The peak is the best library's: torch.mm (MKL) and, on CPU in fp32, oneDNN, which our
-linear layers use (tsdae.linear) and which on AMD CPUs measures about twice MKL's.
+linear layers use (tsdae.linear) and which on AMD CPUs measures about twice MKL's. step_breakdown
+(benchmarks.step_breakdown) says where our fp32 step's time goes, and the MFU each part leaves in reach.
 
 GPU (--device cuda): our step only (no Ray), a randomly initialised BERT-base-sized model (12 layers,
 hidden 768), bf16 autocast, reporting tokens/s and MFU against the bf16 matmul peak of the same GPU.
@@ -294,6 +295,7 @@ class Side:
         self.eval_batches = [collate(held_out["noisy_ids"], held_out["target_ids"], rows, self.pad_id)
                              for rows in random_batches(len(held_out["row_key"]), bs, np.random.default_rng(1))]
         self.ablation_model = copy.deepcopy(ours) if args.ablation_rounds and kind != "ours_bf16" else None
+        self.breakdown_model = copy.deepcopy(ours) if kind == "ours" and args.breakdown_steps else None
         self._ablation = None
         if kind.startswith("ours"):
             self.model, self.encoder = ours, ours.encoder
@@ -357,6 +359,24 @@ class Side:
         if self.args.stsb:
             out["stsb_test"] = stsb_test(self.encoder, self.tokenizer, self.args.sts_dir)
         return out
+
+    def breakdown(self, peak_flops: float) -> dict:
+        """Where our step's time goes (benchmarks.step_breakdown), on a copy of the initial model: a seeded
+        sample of this side's batches, after one untimed pass over them."""
+        from benchmarks.step_breakdown import step_breakdown
+
+        model, n = self.breakdown_model, self.args.breakdown_steps
+        model.train()
+        picks = np.random.default_rng(self.args.seed + 2).choice(len(self.batches), min(n, len(self.batches)),
+                                                                 replace=False)
+        batches = [self.batches[i] for i in sorted(picks)]
+        optimizer = make_optimizer(model.parameters(), self.args.lr, fused=True)
+        step = lambda b: ours_loss(model, b)  # noqa: E731
+        train_steps(step, optimizer, batches)
+        noisy = [int(k) for b in batches for k in b.noisy_attention_mask.sum(1)]
+        target = [int(k) for b in batches for k in b.target_attention_mask.sum(1)]
+        return step_breakdown(lambda: train_steps(step, optimizer, batches)[0], len(batches),
+                              training_flops(self.shape, noisy, target), peak_flops)
 
     def ablation_round(self, rnd: int, name: str) -> float:
         """Sentences/s of one ablation variant on round rnd's sentences (the same for every variant)."""
@@ -573,6 +593,7 @@ def _compare(args, sides: dict, load_before) -> dict:
     peak = statistics.median(max(p.values()) for p in peaks)
     peak_bf16 = statistics.median(max(p.values()) for p in peaks_bf16)
     peak_by_library = {lib: statistics.median(p[lib] for p in peaks) / 1e9 for lib in peaks[0]}
+    breakdown = sides["ours"].call("breakdown", peak) if args.breakdown_steps else None
 
     ablations = None
     if args.ablation_rounds:
@@ -636,6 +657,7 @@ def _compare(args, sides: dict, load_before) -> dict:
         "initial_loss_ours": initial["ours"]["initial_loss"],
         "initial_loss_reference": initial["reference"]["initial_loss"],
         **quality,
+        "step_breakdown": breakdown,
         "mask_speedup": (ablations["+single_key_cross_attention"] / ablations["explicit_decoder_mask"]
                          if ablations else None),
         "ablation_sentences_per_s": ablations,
@@ -737,6 +759,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-sentences", type=int, default=128, help="held-out sentences for the final loss")
     p.add_argument("--ablation-rounds", type=int, default=5, help="0 to skip the ablation")
     p.add_argument("--ablation-steps", type=int, default=9, help="steps per variant per round (1 is warm-up)")
+    p.add_argument("--breakdown-steps", type=int, default=20,
+                   help="steps timed, then profiled, for where our fp32 step's time goes (0 to skip)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     p.add_argument("--no-stsb", dest="stsb", action="store_false", help="skip the STS-B test scores")
     p.add_argument("--lr", type=float, default=3e-5)
