@@ -12,9 +12,9 @@ same order as MKL's; tested).
 
 ``FastLinear`` is an ``nn.Linear`` whose forward, input gradient and weight gradient go through that op
 when the input is a non-empty fp32 CPU tensor, CPU autocast is off, torch.compile is not tracing, and
-the op exists (x86-64 builds with oneDNN). Anywhere else it is ``nn.Linear``. ``use_fast_linear`` switches a model's linear layers in
-place. The Parameter objects stay the same, so tying, optimizers, DDP, state dicts and exports are
-unchanged.
+the op exists (x86-64 builds with oneDNN). Anywhere else it is ``nn.Linear``. ``use_fast_linear``
+switches a model's linear layers in place. The Parameter objects stay the same, so tying, optimizers,
+DDP, state dicts and exports are unchanged.
 
 oneDNN builds (JIT-compiles) a kernel per problem shape. A TSDAE step's token count changes with every
 batch, so rows are zero-padded to a multiple of ``ROW_BUCKET`` (16; coarser for thousands of rows,
