@@ -133,6 +133,13 @@ def consecutive_batches(rows: np.ndarray | int, batch_size: int) -> list[np.ndar
     return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
 
 
+def token_counts(batches: list[Batch]) -> tuple[list[int], list[int]]:
+    """Each sentence's real (non-pad) noisy and target token counts: what training_flops counts."""
+    noisy = [n for b in batches for n in b.noisy_attention_mask.sum(1).tolist()]
+    target = [n for b in batches for n in b.target_attention_mask.sum(1).tolist()]
+    return noisy, target
+
+
 def padding_fraction(batches: list[Batch]) -> float:
     real = sum(int(b.target_attention_mask.sum()) for b in batches)
     return 1.0 - real / sum(b.target_ids.numel() for b in batches)
@@ -347,9 +354,8 @@ class Side:
         chunk = self.batches[start:start + self.args.chunk]
         seconds, losses = train_steps(self.step, self.optimizer, chunk, self.autocast)
         self.losses += losses
-        noisy = [int(n) for b in chunk for n in b.noisy_attention_mask.sum(1)]
-        target = [int(n) for b in chunk for n in b.target_attention_mask.sum(1)]
-        return {"seconds": seconds, "last_loss": losses[-1], "flops": training_flops(self.shape, noisy, target)}
+        return {"seconds": seconds, "last_loss": losses[-1],
+                "flops": training_flops(self.shape, *token_counts(chunk))}
 
     def final(self) -> dict:
         tail = max(1, len(self.losses) // 10)
@@ -373,10 +379,8 @@ class Side:
         optimizer = make_optimizer(model.parameters(), self.args.lr, fused=True)
         step = lambda b: ours_loss(model, b)  # noqa: E731
         train_steps(step, optimizer, batches)
-        noisy = [int(k) for b in batches for k in b.noisy_attention_mask.sum(1)]
-        target = [int(k) for b in batches for k in b.target_attention_mask.sum(1)]
         return step_breakdown(lambda: train_steps(step, optimizer, batches)[0], len(batches),
-                              training_flops(self.shape, noisy, target), peak_flops)
+                              training_flops(self.shape, *token_counts(batches)), peak_flops)
 
     def ablation_round(self, rnd: int, name: str) -> float:
         """Sentences/s of one ablation variant on round rnd's sentences (the same for every variant)."""
@@ -726,8 +730,7 @@ def run_device(args, config_kwargs: dict = BERT_BASE) -> dict:
         chunk = timed[start:start + args.chunk]
         peaks.append(matmul_peak_flops(device, torch.bfloat16, n=8192 if device.type == "cuda" else 1024))
         seconds, losses = train_steps(loss_fn, optimizer, chunk, autocast, sync)
-        noisy_len = [int(m.sum()) for b in chunk for m in b.noisy_attention_mask.cpu()]
-        target_len = [int(m.sum()) for b in chunk for m in b.target_attention_mask.cpu()]
+        noisy_len, target_len = token_counts(chunk)
         rates.append(len(target_len) / seconds)
         token_rates.append(sum(target_len) / seconds)
         flops_rates.append(training_flops(shape, noisy_len, target_len) / seconds)
