@@ -53,3 +53,9 @@ def test_cpu_comparison_runs_each_side_in_its_own_process_from_equal_weights(tmp
                 "peak_gflops", "mask_speedup"):
         assert result[key] > 0
     assert set(result["ablation_sentences_per_s"]) - {"_rounds"} == set(training.ABLATION_VARIANTS) - {"+torch_compile"}
+
+
+def test_token_counts_are_each_sentences_real_tokens_not_its_padding():
+    noisy, target = [[101, 7, 102], [101, 102]], [[101, 5, 6, 102], [101, 9, 9, 9, 9, 102]]
+    batches = [training.collate(noisy, target, [0, 1], pad_id=0), training.collate(noisy, target, [1], pad_id=0)]
+    assert training.token_counts(batches) == ([3, 2, 2], [4, 6, 6])
