@@ -75,3 +75,17 @@ def test_use_fast_dropout_can_be_undone():
     use_fast_dropout(model)
     assert use_fast_dropout(model, fast=False) == 2
     assert [(type(m), m.p) for m in model.modules() if isinstance(m, nn.Dropout)] == [(nn.Dropout, 0.2), (nn.Dropout, 0.4)]
+
+
+def test_torch_compile_draws_the_masks_in_its_graph_without_breaking_it():
+    from tsdae.dropout import dropout_multiplier
+
+    def step(x):
+        keep = dropout_multiplier(x.shape, 0.5, x.dtype, x.device)
+        return FastDropout(0.5)(x) * keep
+
+    x = torch.ones(64, 64)
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    dropped = (torch.compile(step, backend="eager")(x) == 0).float().mean().item()
+    assert dropped == pytest.approx(0.75, abs=0.05)  # two independent masks of p = 0.5

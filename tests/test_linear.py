@@ -73,21 +73,29 @@ def test_other_dtypes_autocast_and_empty_inputs_take_f_linear(monkeypatch):
 
 
 @needs_onednn
-def test_torch_compile_traces_f_linear_not_the_onednn_op():
+def test_torch_compile_keeps_the_onednn_products_as_an_opaque_op():
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
     torch.manual_seed(0)
     layer = FastLinear(8, 6)
-    x = torch.randn(5, 8)
-    traced = []
+    x = torch.randn(5, 8, requires_grad=True)
+    graphs = []
 
-    def backend(graph_module, example_inputs):
-        traced.extend(str(node.target) for node in graph_module.graph.nodes)
-        return graph_module.forward
+    def capture(graph_module, example_inputs):
+        graphs.append([str(node.target) for node in graph_module.graph.nodes])
+        return make_boxed_func(graph_module.forward)
 
-    compiled = torch.compile(layer, backend=backend, dynamic=True)
-    torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
-    assert any("linear" in t for t in traced)
-    assert not any("autograd_function" in t or "mkldnn" in t for t in traced)
-    assert runs_on_onednn(x, layer.weight)  # outside the trace: oneDNN again
+    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), dynamic=True)
+    y = compiled(x)
+    y.backward(torch.ones_like(y))
+    expected = _grads(F.linear, x.detach(), layer.weight.detach(), layer.bias.detach(), torch.ones(5, 6))
+    for ours, plain in zip((y.detach(), x.grad, layer.weight.grad, layer.bias.grad), expected):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    forward, backward = graphs
+    assert forward.count("tsdae.onednn_product.default") == 1  # y
+    assert backward.count("tsdae.onednn_product.default") == 2  # dx and dW
+    assert not any("mkldnn" in t or t.startswith(("aten.mm", "aten.addmm")) for t in forward + backward)
 
 
 def test_use_fast_linear_keeps_modules_parameters_and_ties():

@@ -8,7 +8,9 @@ about 50 such masks; on the 2-core AMD benchmark machine each took ~350 µs of a
 seeded by ``torch.manual_seed`` like any CPU op, so a seeded run repeats exactly) and keeps an element
 when its 16-bit share is at or above a threshold: 4.9x faster per mask, measured. The drop probability
 becomes round(p · 65536) / 65536 (0.1 → 0.1000061) and survivors are scaled by 1 / (1 - that), so the
-expected activation is unchanged exactly. On other devices it is ``nn.Dropout`` (CUDA's is already fast).
+expected activation is unchanged exactly. On other devices it is ``nn.Dropout`` (CUDA's is already fast),
+and so it is while torch.compile traces: the compiler draws masks in its graph, where ``random_``
+would break it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def keep_scale_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: tor
 
 def dropout_multiplier(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A dropout multiplier (0 where dropped, the survivors' scale elsewhere): keep_scale_mask on CPU,
-    torch's Bernoulli elsewhere."""
-    if device.type == "cpu":
+    torch's Bernoulli elsewhere and under torch.compile."""
+    if device.type == "cpu" and not torch.compiler.is_compiling():
         return keep_scale_mask(shape, p, dtype, device)
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p).div_(1.0 - p)
 
@@ -45,7 +47,7 @@ class FastDropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on CPU (see the module docstring); a drop-in, same ``p``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return F.dropout(x, self.p, self.training, self.inplace)
         return x * keep_scale_mask(x.shape, self.p, x.dtype, x.device)
 

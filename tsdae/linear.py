@@ -11,8 +11,11 @@ linear layers. Its fp32 path computes in fp32, with no implicit bf16 (its error 
 same order as MKL's; tested).
 
 ``FastLinear`` is an ``nn.Linear`` whose forward, input gradient and weight gradient go through that op
-when the input is a non-empty fp32 CPU tensor, CPU autocast is off, torch.compile is not tracing, and
-the op exists (x86-64 builds with oneDNN). Anywhere else it is ``nn.Linear``. ``use_fast_linear``
+when the input is a non-empty fp32 CPU tensor, CPU autocast is off and the op exists (x86-64 builds with
+oneDNN). Anywhere else it is ``nn.Linear``. Under torch.compile the products stay on oneDNN as one opaque
+custom op (``tsdae::onednn_product``), which the compiler calls and does not try to lower (Inductor
+cannot lower the oneDNN op with dynamic row counts; with ``F.linear`` it multiplies with MKL: measured
+in ``benchmarks.compile_step``). ``use_fast_linear``
 switches a model's linear layers in place. The Parameter objects stay the same, so tying, optimizers,
 DDP, state dicts and exports are unchanged.
 
@@ -62,8 +65,21 @@ def bucket_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+@torch.library.custom_op("tsdae::onednn_product", mutates_args=())
+def _compiled_product(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
+    """The oneDNN product as one opaque op for torch.compile: the compiler calls it, it does not lower it."""
+    return _LINEAR(x_MK, w_NK, bias_N, "none", [], "")
+
+
+@_compiled_product.register_fake
+def _(x_MK, w_NK, bias_N):
+    return x_MK.new_empty(x_MK.shape[0], w_NK.shape[0])
+
+
 def _product(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
     """x_MK @ w_NK.T (+ bias_N), on oneDNN. Transposed (non-contiguous) operands are accepted."""
+    if torch.compiler.is_compiling():
+        return _compiled_product(x_MK, w_NK, bias_N)
     return _LINEAR(x_MK, w_NK, bias_N, "none", [], "")
 
 
@@ -101,8 +117,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where fast_linear(x, weight) takes the oneDNN path. Not while torch.compile traces: the
-    compiler lowers F.linear itself (it cannot lower this op with dynamic row counts)."""
+    """True where fast_linear(x, weight) takes the oneDNN path."""
     return (
         _LINEAR is not None
         and x.device.type == "cpu"
@@ -110,7 +125,6 @@ def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 
