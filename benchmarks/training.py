@@ -764,7 +764,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablation-steps", type=int, default=9, help="steps per variant per round (1 is warm-up)")
     p.add_argument("--breakdown-steps", type=int, default=20,
                    help="steps timed, then profiled, for where our fp32 step's time goes (0 to skip)")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile to the ablation (its rounds include compiling; benchmarks.compile_step "
+                        "times it after compiling)")
     p.add_argument("--no-stsb", dest="stsb", action="store_false", help="skip the STS-B test scores")
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--del-ratio", type=float, default=0.6, help="fraction of words deleted")
