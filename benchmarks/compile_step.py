@@ -28,20 +28,19 @@ import os
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.publish import publish
 from benchmarks.training import (CORPUS, MODEL, build_ours, collate, consecutive_batches, corrupt_and_tokenize,
-                                 load_sentences, machine, make_optimizer, ours_loss, token_counts, train_steps)
+                                 load_sentences, machine, make_optimizer, ours_loss, sample_batches, token_counts,
+                                 train_steps)
 from tsdae.flops import Shape, matmul_peak_by_library, training_flops
 
 
 def cases(batches: list, steps: int, seed: int) -> dict[str, list]:
     """{"fixed": one median-size batch, steps times; "varying": a seeded sample of steps batches}."""
     median = sorted(batches, key=lambda b: b.target_ids.numel() + b.noisy_input_ids.numel())[len(batches) // 2]
-    picks = np.random.default_rng(seed).choice(len(batches), min(steps, len(batches)), replace=False)
-    return {"fixed": [median] * steps, "varying": [batches[i] for i in sorted(picks)]}
+    return {"fixed": [median] * steps, "varying": sample_batches(batches, steps, seed)}
 
 
 def compare(model, optimizer, batches: list, rounds: int, compile_kwargs: dict, flops: float, peak: float) -> dict:

@@ -140,6 +140,12 @@ def token_counts(batches: list[Batch]) -> tuple[list[int], list[int]]:
     return noisy, target
 
 
+def sample_batches(batches: list[Batch], n: int, seed: int) -> list[Batch]:
+    """A seeded sample of n distinct batches (all of them if fewer), in their original order."""
+    picks = np.random.default_rng(seed).choice(len(batches), min(n, len(batches)), replace=False)
+    return [batches[i] for i in sorted(picks)]
+
+
 def padding_fraction(batches: list[Batch]) -> float:
     real = sum(int(b.target_attention_mask.sum()) for b in batches)
     return 1.0 - real / sum(b.target_ids.numel() for b in batches)
@@ -373,9 +379,7 @@ class Side:
 
         model, n = self.breakdown_model, self.args.breakdown_steps
         model.train()
-        picks = np.random.default_rng(self.args.seed + 2).choice(len(self.batches), min(n, len(self.batches)),
-                                                                 replace=False)
-        batches = [self.batches[i] for i in sorted(picks)]
+        batches = sample_batches(self.batches, n, self.args.seed + 2)
         optimizer = make_optimizer(model.parameters(), self.args.lr, fused=True)
         step = lambda b: ours_loss(model, b)  # noqa: E731
         train_steps(step, optimizer, batches)

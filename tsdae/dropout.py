@@ -35,10 +35,15 @@ def keep_scale_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: tor
     return keep.to(dtype).mul_(_LEVELS / (_LEVELS - drop_levels))
 
 
+def _cheap_masks(device: torch.device) -> bool:
+    """True where masks come from keep_scale_mask: on CPU, outside a torch.compile trace."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def dropout_multiplier(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A dropout multiplier (0 where dropped, the survivors' scale elsewhere): keep_scale_mask on CPU,
     torch's Bernoulli elsewhere and under torch.compile."""
-    if device.type == "cpu" and not torch.compiler.is_compiling():
+    if _cheap_masks(device):
         return keep_scale_mask(shape, p, dtype, device)
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p).div_(1.0 - p)
 
@@ -47,7 +52,7 @@ class FastDropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on CPU (see the module docstring); a drop-in, same ``p``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if not self.training or self.p == 0.0 or not _cheap_masks(x.device):
             return F.dropout(x, self.p, self.training, self.inplace)
         return x * keep_scale_mask(x.shape, self.p, x.dtype, x.device)
 
