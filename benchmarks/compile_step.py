@@ -37,6 +37,9 @@ from benchmarks.training import (CORPUS, MODEL, build_ours, collate, consecutive
 from tsdae.flops import Shape, matmul_peak_by_library, training_flops
 
 
+CASES = ("fixed", "varying")
+
+
 def cases(batches: list, steps: int, seed: int) -> dict[str, list]:
     """{"fixed": one median-size batch, steps times; "varying": a seeded sample of steps batches}."""
     median = sorted(batches, key=lambda b: b.target_ids.numel() + b.noisy_input_ids.numel())[len(batches) // 2]
@@ -81,14 +84,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sentences", type=int, default=1600, help="corpus sentences the batches come from")
     p.add_argument("--steps", type=int, default=20, help="batches per pass")
     p.add_argument("--rounds", type=int, default=4, help="timed passes of each, alternating")
-    p.add_argument("--cases", default="fixed,varying")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES))
     p.add_argument("--mode", default=None, help="torch.compile mode (default: Inductor's defaults)")
     p.add_argument("--cpp-wrapper", action="store_true", help="Inductor calls its kernels from C++")
     p.add_argument("--del-ratio", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=CORPUS)
     p.add_argument("--out", default="benchmarks/results/compile-step-cpu.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cases = args.cases.split(",")
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        p.error(f"--cases: unknown case {unknown[0]!r}; the cases are {', '.join(CASES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
               "mode": args.mode, "cpp_wrapper": args.cpp_wrapper, "batch_size": 8,
               "peak_gflops": peak / 1e9, "peak_gflops_by_library": {k: v / 1e9 for k, v in peaks.items()}}
     for name, case in cases(batches, args.steps, args.seed).items():
-        if name not in args.cases.split(","):
+        if name not in args.cases:
             continue
         kwargs = {"dynamic": name == "varying", "mode": args.mode}
         flops = training_flops(shape, *token_counts(case))

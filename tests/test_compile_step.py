@@ -38,3 +38,10 @@ def test_compiled_step_computes_the_eager_loss(tiny_bert_no_dropout_dir):
     assert out["compiled_eval_loss"] == pytest.approx(out["eager_eval_loss"], abs=1e-5)
     assert len(out["eager_rounds_ms"]) == len(out["compiled_rounds_ms"]) == 2
     assert out["eager_ms_per_step"] > 0 and out["compiled_over_eager"] > 0 and 0 < out["eager_mfu"] < 1
+
+
+def test_an_unknown_case_is_refused_by_name(capsys):
+    assert compile_step.parse_args(["--cases", "varying"]).cases == ["varying"]
+    with pytest.raises(SystemExit):
+        compile_step.parse_args(["--cases", "fixed,dynamic"])
+    assert "unknown case 'dynamic'" in capsys.readouterr().err
