@@ -102,6 +102,14 @@ def _all_gather(obj) -> list:
     return out
 
 
+def fault_settle_seconds() -> float:
+    """How long an injected crash (``fault_at_step``) waits before it kills its worker: three of the Ray
+    Train controller's polls (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). Crashing at once
+    raced the registration of the checkpoint reported just before: the retry then started from scratch
+    and crashed again (seen once in a test run)."""
+    return 3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+
+
 def _sum_across_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -237,7 +245,8 @@ def train_loop_per_worker(config: dict) -> None:
         if step >= total_steps:
             break
         if config.get("fault_at_step") == step and state is None and rank == min(1, world - 1):
-            os._exit(1)  # injected worker crash (tests): only on the first attempt
+            time.sleep(fault_settle_seconds())  # injected worker crash (tests): only on the first attempt
+            os._exit(1)
         torch.manual_seed(step_seed(train_cfg.seed, rank, step))
         # The loss is the mean over all label tokens of the global batch: each micro-batch adds its
         # token-sum / global token count; ×world undoes DDP's averaging of gradients over ranks.
