@@ -29,11 +29,12 @@ import statistics
 import time
 
 import torch
+import torch._dynamo
+import torch._inductor.config
 
 from benchmarks.publish import publish
-from benchmarks.training import (CORPUS, MODEL, build_ours, collate, consecutive_batches, corrupt_and_tokenize,
-                                 load_sentences, machine, make_optimizer, ours_loss, sample_batches, token_counts,
-                                 train_steps)
+from benchmarks.training import (CORPUS, MODEL, build_ours, corpus_batches, machine, make_optimizer, ours_loss,
+                                 sample_batches, token_counts, train_steps)
 from tsdae.flops import Shape, matmul_peak_by_library, training_flops
 
 
@@ -48,8 +49,6 @@ def cases(batches: list, steps: int, seed: int) -> dict[str, list]:
 
 def compare(model, optimizer, batches: list, rounds: int, compile_kwargs: dict, flops: float, peak: float) -> dict:
     """Alternate eager and compiled passes over batches; ms per step, MFU and compile cost of each."""
-    import torch._dynamo
-
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(model, **compile_kwargs)
@@ -103,7 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch._inductor.config
     from transformers.utils import logging as hf_logging
 
     from tsdae.allocator import retain_freed_memory
@@ -112,11 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.set_verbosity_error()
     retain_freed_memory()  # as the train loop does on CPU
     torch._inductor.config.cpp_wrapper = args.cpp_wrapper
-    texts, keys = load_sentences(args.corpus, args.sentences)
-    data = corrupt_and_tokenize(texts, keys, resolve_model_path(MODEL), args.del_ratio, args.seed, 8)
     model, tokenizer = build_ours(args.seed)
-    batches = [collate(data["noisy_ids"], data["target_ids"], rows, tokenizer.pad_token_id)
-               for rows in consecutive_batches(len(texts), 8)]
+    batches = corpus_batches(args.corpus, args.sentences, resolve_model_path(MODEL), args.del_ratio, args.seed, 8,
+                             tokenizer.pad_token_id)
     model.train()
     optimizer = make_optimizer(model.parameters(), 3e-5, fused=True)
     shape = Shape.of(model.encoder.config)

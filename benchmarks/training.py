@@ -121,6 +121,15 @@ def collate(noisy, target, rows, pad_id: int) -> Batch:
     return Batch(padded["noisy_input_ids"], padded["noisy_attention_mask"], target_ids, (target_ids != pad_id).long())
 
 
+def corpus_batches(corpus: str, n: int, tokenizer_path: str, del_ratio: float, seed: int, batch_size: int,
+                   pad_id: int) -> list[Batch]:
+    """The corpus's first n sentences, corrupted and tokenized, in length-aware batches (the pipeline's)."""
+    texts, keys = load_sentences(corpus, n)
+    data = corrupt_and_tokenize(texts, keys, tokenizer_path, del_ratio, seed, batch_size)
+    return [collate(data["noisy_ids"], data["target_ids"], rows, pad_id)
+            for rows in consecutive_batches(len(texts), batch_size)]
+
+
 def random_batches(rows: np.ndarray | int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A shuffled pass over the rows in full batches (what a random sampler gives)."""
     order = rng.permutation(rows)
@@ -714,13 +723,10 @@ def run_device(args, config_kwargs: dict = BERT_BASE) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model_path = resolve_model_path(MODEL)
     n = args.steps * args.batch_size
-    texts, keys = load_sentences(args.corpus, n)
-    data = corrupt_and_tokenize(texts, keys, model_path, args.del_ratio, args.seed, args.batch_size)
     model, tokenizer = build_random_tsdae(config_kwargs, model_path)
     model.to(device).train()
-    pad_id = tokenizer.pad_token_id
-    batches = [collate(data["noisy_ids"], data["target_ids"], rows, pad_id).to(device)
-               for rows in consecutive_batches(len(texts), args.batch_size)]
+    batches = [b.to(device) for b in corpus_batches(args.corpus, n, model_path, args.del_ratio, args.seed,
+                                                    args.batch_size, tokenizer.pad_token_id)]
     optimizer = make_optimizer(model.parameters(), args.lr, fused=True)
     step = torch.compile(model, dynamic=True) if args.compile else model
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
