@@ -7,8 +7,8 @@
 benchmarks.step_breakdown shows that a third of the step is outside the matrix products: elementwise
 kernels, copies, dispatch. Capturing the step into a compiled graph is the usual cure. This measures it,
 in one process, on the model and sentences of benchmarks.training (all-MiniLM-L6-v2, batch 8, 0.6 of
-the words deleted), with our linear layers' products on oneDNN in both (tsdae.linear keeps them in the
-compiled graph as an opaque op) and dropout masks drawn in the graph when compiled (tsdae.dropout):
+the words deleted), with our linear layers' products on oneDNN in both (tsdae.model.fast.linear keeps them in the
+compiled graph as an opaque op) and dropout masks drawn in the graph when compiled (tsdae.model.fast.dropout):
 
 - fixed: one batch of median size, repeated, compiled for that one shape: the best case for capture
   (no recompiles; the graph breaks only at the packed paths' index selects);
@@ -32,10 +32,13 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 
-from benchmarks.publish import publish
-from benchmarks.training import (CORPUS, MODEL, build_ours, corpus_batches, machine, make_optimizer, ours_loss,
-                                 sample_batches, token_counts, train_steps)
-from tsdae.flops import Shape, matmul_peak_by_library, training_flops
+from transformers.utils import logging as hf_logging
+
+from benchmarks.batches import CORPUS, MODEL, corpus_batches, sample_batches, token_counts
+from benchmarks.publish import machine, publish
+from benchmarks.steps import build_ours, make_optimizer, ours_step, run_steps
+from tsdae.model import resolve_model_path, retain_freed_memory
+from tsdae.train import Shape, linear_shapes, matmul_peak_by_library, training_flops
 
 
 CASES = ("fixed", "varying")
@@ -43,7 +46,7 @@ CASES = ("fixed", "varying")
 
 def cases(batches: list, steps: int, seed: int) -> dict[str, list]:
     """{"fixed": one median-size batch, steps times; "varying": a seeded sample of steps batches}."""
-    median = sorted(batches, key=lambda b: b.target_ids.numel() + b.noisy_input_ids.numel())[len(batches) // 2]
+    median = sorted(batches, key=lambda b: b.target_ids.numel() + b.noisy_ids.numel())[len(batches) // 2]
     return {"fixed": [median] * steps, "varying": sample_batches(batches, steps, seed)}
 
 
@@ -51,21 +54,21 @@ def compare(model, optimizer, batches: list, rounds: int, compile_kwargs: dict, 
     """Alternate eager and compiled passes over batches; ms per step, MFU and compile cost of each."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(model, **compile_kwargs)
-    steps = {"eager": lambda b: ours_loss(model, b),
-             "compiled": lambda b: compiled(b.noisy_input_ids, b.noisy_attention_mask, b.target_ids)}
+    modules = {"eager": model, "compiled": torch.compile(model, **compile_kwargs)}
+    steps = {name: ours_step(module, optimizer) for name, module in modules.items()}
     t0 = time.perf_counter()
-    train_steps(steps["compiled"], optimizer, batches)  # compiles (and recompiles) here, untimed
+    run_steps(steps["compiled"], batches)  # compiles (and recompiles) here, untimed
     compile_seconds = time.perf_counter() - t0
-    train_steps(steps["eager"], optimizer, batches)
+    run_steps(steps["eager"], batches)
     ms = {name: [] for name in steps}
     for r in range(rounds):
         for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
-            seconds, _ = train_steps(steps[name], optimizer, batches)
+            seconds, _ = run_steps(steps[name], batches)
             ms[name].append(1e3 * seconds / len(batches))
     model.eval()
     with torch.no_grad():
-        losses = {name: float(step(batches[0])) for name, step in steps.items()}
+        b = batches[0]
+        losses = {name: float(module(b.noisy_ids, b.noisy_mask, b.target_ids)) for name, module in modules.items()}
     model.train()
     out = {"steps": len(batches), "compile_and_first_pass_s": compile_seconds,
            "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}
@@ -102,11 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    from tsdae.allocator import retain_freed_memory
-    from tsdae.paths import resolve_model_path
-
     hf_logging.set_verbosity_error()
     retain_freed_memory()  # as the train loop does on CPU
     torch._inductor.config.cpp_wrapper = args.cpp_wrapper
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     optimizer = make_optimizer(model.parameters(), 3e-5, fused=True)
     shape = Shape.of(model.encoder.config)
-    peaks = matmul_peak_by_library(torch.device("cpu"), torch.float32)
+    peaks = matmul_peak_by_library(torch.device("cpu"), torch.float32, layers=linear_shapes(model))
     peak = max(peaks.values())
     result = {"benchmark": "compile_step", "machine": machine(), "torch": torch.__version__,
               "mode": args.mode, "cpp_wrapper": args.cpp_wrapper, "batch_size": 8,
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         if name not in args.cases:
             continue
         kwargs = {"dynamic": name == "varying", "mode": args.mode}
-        flops = training_flops(shape, *token_counts(case))
+        flops = training_flops(shape, *token_counts(case, tokenizer.pad_token_id))
         result[name] = compare(model, optimizer, case, args.rounds, kwargs, flops, peak)
         print(name, {k: v for k, v in result[name].items() if "ms" in k or k == "compiled_over_eager"}, flush=True)
     result["is"] = ("compiled_over_eager: eager ms / compiled ms (above 1: compiling is faster). *_mfu: counted "

@@ -19,16 +19,33 @@ descendants (GCS, raylet, read workers, tokenizer actor) every 0.2 s and keeps t
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
+
+# One tokenizer thread, set before tokenizers is first used: per-core numbers.
+os.environ.update({"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+from nltk.tokenize import TreebankWordTokenizer  # noqa: E402
+from nltk.tokenize.treebank import TreebankWordDetokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from benchmarks.corpus_data import generate_corpus  # noqa: E402
+from pipeline import (CorruptAndTokenize, CorruptConfig, ReadConfig, build_train_dataset, padding_fraction,  # noqa: E402
+                      row_keys)
+from tsdae.model import resolve_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- 1. Throughput -------------------------------------------------------------------------------
 
 def throughput(texts: list[str], tokenizer_path: str, batch_rows: int = 2048) -> dict:
-    import numpy as np
-    import pyarrow as pa
-
-    from pipeline.config import CorruptConfig
-    from pipeline.preprocess import CorruptAndTokenize
-    from pipeline.read import row_keys
-
     keys = row_keys(pa.array(texts))
     ours = CorruptAndTokenize(tokenizer_path, CorruptConfig(del_ratio=0.6, max_length=128), epoch=0)
     batches = [pa.table({"text": texts[i:i + batch_rows], "row_key": keys[i:i + batch_rows]})
@@ -65,8 +75,6 @@ def throughput(texts: list[str], tokenizer_path: str, batch_rows: int = 2048) ->
     wall, cpu = time.perf_counter(), time.process_time()
     outs = [ours(b) for b in batches]
     ours_rate = (len(texts) / (time.process_time() - cpu), len(texts) / (time.perf_counter() - wall))
-
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     delete, detokenize = _reference_noise()
@@ -91,10 +99,6 @@ def throughput(texts: list[str], tokenizer_path: str, batch_rows: int = 2048) ->
 
 def _reference_noise():
     """sentence-transformers' DenoisingAutoEncoderDataset.delete, with Treebank word tokenization."""
-    import numpy as np
-    from nltk.tokenize import TreebankWordTokenizer
-    from nltk.tokenize.treebank import TreebankWordDetokenizer
-
     tokenize, detokenizer = TreebankWordTokenizer().tokenize, TreebankWordDetokenizer()
 
     def delete(text, rng, detokenize, del_ratio=0.6):
@@ -115,14 +119,6 @@ def _reference_noise():
 def padding(texts: list[str], tokenizer_path: str, batch_size: int) -> dict:
     """Padding fraction of batch_size batches of the targets, in read order and length-sorted the way
     the actors sort (windows of length_window × batch_size rows)."""
-    import numpy as np
-    import pyarrow as pa
-
-    from pipeline.batching import padding_fraction
-    from pipeline.config import CorruptConfig
-    from pipeline.preprocess import CorruptAndTokenize
-    from pipeline.read import row_keys
-
     cfg = CorruptConfig()
     window = cfg.length_window * batch_size
     keys = row_keys(pa.array(texts))
@@ -179,12 +175,6 @@ def _tree_rss_mb(root_pid: int) -> float:
 
 
 def run_stage(corpus_dir: str, tokenizer_path: str, batch_size: int) -> dict:
-    import numpy as np
-    import ray
-
-    from pipeline import build_train_dataset
-    from pipeline.config import CorruptConfig, ReadConfig
-
     peak, stop = [0.0], threading.Event()
 
     def sample():
@@ -214,25 +204,12 @@ def run_stage(corpus_dir: str, tokenizer_path: str, batch_size: int) -> dict:
             "padding_fraction_stream": round(1 - tokens / sum(widths), 4)}
 
 
-def _resolve(tokenizer: str) -> str:
-    from tsdae.paths import resolve_model_path
-
-    return resolve_model_path(tokenizer)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # One tokenizer thread, set before tokenizers is imported: per-core numbers.
-    os.environ.update({"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
-    tokenizer_path = _resolve(args.tokenizer)
+    tokenizer_path = resolve_model_path(args.tokenizer)
     if args.stage_only:
         print(json.dumps(run_stage(args.stage_only, tokenizer_path, args.batch_size)), flush=True)
         return
-
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from benchmarks.corpus_data import generate_corpus
 
     # 1. Throughput and padding on a resample of the real sentences (their real length distribution).
     source = pq.read_table(args.source, columns=["text"]).column("text").to_pylist()

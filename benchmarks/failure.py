@@ -4,7 +4,7 @@
 
 Tiny random BERT, deterministic mode, CPU/gloo. Last line: JSON with the wall times, the steps lost
 (trained again after the restart), the failure's cost in seconds (killed − uninterrupted − the injected
-crash's own wait, tsdae.train.fault_settle_seconds: the restart plus the lost steps trained again), and
+crash's own wait, tsdae.train.faults.settle_seconds: the restart plus the lost steps trained again), and
 whether the final weights are bit-identical.
 """
 
@@ -18,14 +18,21 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from benchmarks.publish import machine, publish
+from jobs.stages import WORKER_ENV
+from pipeline import CorruptConfig, ReadConfig, build_train_dataset
+from tsdae.model import ModelConfig
+from tsdae.train import CrashOnce, ScaleConfig, TrainConfig, build_trainer, train_loop_per_worker
+from tsdae.train.faults import settle_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_bert(path: Path) -> str:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     tokenizer = BertTokenizerFast(vocab=str(ROOT / "tests/assets/vocab.txt"), do_lower_case=True)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
@@ -39,16 +46,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--fault-at", type=int, default=7)
     p.add_argument("--checkpoint-every", type=int, default=4)
+    p.add_argument("--out", default="benchmarks/results/failure-cpu.json")
     args = p.parse_args(argv)
-
-    import ray
-    import torch
-
-    from pipeline import build_train_dataset
-    from pipeline.config import CorruptConfig, ReadConfig
-    from tsdae.config import ModelConfig, ScaleConfig, TrainConfig
-    from tsdae.train import fault_settle_seconds
-    from tsdae.trainer import WORKER_ENV, build_trainer
 
     tmp = Path(tempfile.mkdtemp())
     model = _tiny_bert(tmp / "model")
@@ -64,12 +63,12 @@ def main(argv=None) -> dict:
         trainer = build_trainer(dataset, model=ModelConfig(name_or_path=model), train=train,
                                 scale=ScaleConfig(num_workers=2, cpus_per_worker=0.5, max_failures=1),
                                 max_length=32, rows=len(texts), name=name, storage_path=str(tmp / "ray"),
-                                fault_at_step=fault_at)
+                                loop=train_loop_per_worker if fault_at is None else CrashOnce(fault_at))
         t = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - t
         with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", weights_only=False)["model"]
+            state = torch.load(Path(d) / "state.pt", weights_only=True)["model"]
             summary = json.loads((Path(d) / "summary.json").read_text())
         return seconds, state, summary
 
@@ -83,12 +82,13 @@ def main(argv=None) -> dict:
         "steps_lost": lost,
         "uninterrupted_s": round(clean_s, 1),
         "killed_s": round(killed_s, 1),
-        "injected_wait_s": fault_settle_seconds(),
-        "failure_cost_s": round(killed_s - clean_s - fault_settle_seconds(), 1),
+        "injected_wait_s": settle_seconds(),
+        "failure_cost_s": round(killed_s - clean_s - settle_seconds(), 1),
         "weights_identical": all(torch.equal(clean_state[k], killed_state[k]) for k in clean_state),
+        "machine": machine(),
     }
-    print(json.dumps(out))
-    return out
+    ray.shutdown()
+    return publish(out, args.out)
 
 
 if __name__ == "__main__":

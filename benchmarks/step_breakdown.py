@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from torch.profiler import ProfilerActivity, profile
+
 CATEGORIES = {
     "linear_products": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"),
     "attention_products": ("aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -39,8 +41,6 @@ def kernel_seconds(key_averages) -> dict[str, float]:
 def step_breakdown(run: Callable[[], float], steps: int, flops: float, peak_flops: float) -> dict:
     """run() trains `steps` steps (the same ones each call) and returns their wall seconds; flops are
     their counted model FLOPs, peak_flops the matmul peak MFU divides by. Milliseconds per step."""
-    from torch.profiler import ProfilerActivity, profile
-
     wall = run()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()

@@ -1,21 +1,30 @@
-"""The run config: composes one typed config per stage, loaded from YAML with strict keys."""
+"""The run config: composes one typed config per stage, loaded from YAML with strict keys.
+
+    python -m jobs.config --schema > configs/schema.json   # the JSON Schema editors use for configs/*.yaml
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import argparse
+import json
+import sys
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import CorruptConfig, ReadConfig
-from tsdae.config import EvalConfig, ModelConfig, ScaleConfig, TrainConfig
+from pipeline import CorruptConfig, ReadConfig
+from tsdae.config import ConfigError, Float, Section, describe
+from tsdae.eval import EvalConfig, missing_tasks
+from tsdae.model import ModelConfig, check_model_ref
+from tsdae.train import ScaleConfig, TrainConfig
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "configs" / "schema.json"
 
 
-@dataclass(frozen=True)
-class GateConfig:
+class GateConfig(Section):
     """The regression gate of nightly retraining, in Spearman ×100 points on the gated STS tasks.
 
     tolerance: the candidate's average may be at most this far below production's (0: at least as good;
@@ -23,16 +32,11 @@ class GateConfig:
     max_task_drop: no single task may fall more than this below production's score.
     """
 
-    tolerance: float = 0.0
-    max_task_drop: float = 1.0
-
-    def __post_init__(self):
-        if self.max_task_drop < 0:
-            raise ValueError(f"nightly.gate.max_task_drop must be >= 0, got {self.max_task_drop}")
+    tolerance: Float = 0.0
+    max_task_drop: Float = Field(1.0, ge=0)
 
 
-@dataclass(frozen=True)
-class NightlyConfig:
+class NightlyConfig(Section):
     """Nightly retraining (``python -m jobs.nightly``): read.uri is the root of hive partitions
     ``<partition_key>=YYYY-MM-DD/``; each night trains on the partitions production has not seen.
 
@@ -43,119 +47,113 @@ class NightlyConfig:
     cache_dir: local folder the production model is downloaded to for the warm start.
     """
 
-    registry_uri: str = "runs/registry"
-    partition_key: str = "date"
-    replay_partitions: int = 0
+    registry_uri: str = Field("runs/registry", min_length=1)
+    partition_key: str = Field("date", min_length=1)
+    replay_partitions: int = Field(0, ge=0)
     replay_seed: int = 0
     cache_dir: str = "runs/model-cache"
-    gate: GateConfig = field(default_factory=GateConfig)
-
-    def __post_init__(self):
-        if not self.registry_uri:
-            raise ValueError("nightly.registry_uri must not be empty")
-        if not self.partition_key:
-            raise ValueError("nightly.partition_key must not be empty")
-        if self.replay_partitions < 0:
-            raise ValueError(f"nightly.replay_partitions must be >= 0, got {self.replay_partitions}")
+    gate: GateConfig = GateConfig()
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section):
     """One TSDAE run: read → corrupt → train → evaluate.
 
     name: the run's name; a unique suffix is added per launch (a Ray Train run with the same name and
     storage path would silently resume the old one).
     storage_path: where Ray Train writes checkpoints (local path or s3:// / gs:// URI).
     output_dir: where the reports and the exported models go (local path).
+    ray_address: the Ray cluster to join (null: the job's cluster, else a local one).
     """
 
-    name: str = "tsdae"
+    name: str = Field("tsdae", min_length=1)
     storage_path: str = "runs/ray"
     output_dir: str = "runs"
     ray_address: str | None = None
-    read: ReadConfig = field(default_factory=ReadConfig)
-    corrupt: CorruptConfig = field(default_factory=CorruptConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    read: ReadConfig = ReadConfig()
+    corrupt: CorruptConfig = CorruptConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scale: ScaleConfig = ScaleConfig()
+    eval: EvalConfig = EvalConfig()
     nightly: NightlyConfig | None = None  # only jobs.nightly reads it
 
-
-class ConfigError(ValueError):
-    """A config file or key that cannot be used; the message names the file and key."""
-
-
-def _check_type(value, tp, key: str):
-    """Accept value if it fits the annotation tp (simple types, Optional, list[...]); else raise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            try:
-                return _check_type(value, arm, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "3e-5" (no dot) as a string
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp in (int, float, str, bool):
-        if isinstance(value, bool) and tp is not bool:
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-        if not isinstance(value, tp):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    raise ConfigError(f"{key}: unsupported type {tp}")
+    @model_validator(mode="after")
+    def _batch_splits_over_the_workers(self) -> "RunConfig":
+        for workers in self.scale.worker_counts():  # fails here, not on the workers after the base evaluation
+            self.train.per_worker_batch(workers)
+        return self
 
 
-def from_dict(cls, data, prefix: str = ""):
-    """Build dataclass cls from a mapping; unknown keys and wrong types are errors naming the key."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; allowed: {sorted(fields)}")
-    kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+def parse_config(data: Any, source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig from a mapping; every problem is named by its dotted key."""
     try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+        return RunConfig.model_validate({} if data is None else data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {describe(e)}") from None
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Load a run config from YAML; overrides are merged into the mapping (section by section)."""
+def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
+    """data["a"]["b"] = value for "a.b" (sections created as needed)."""
+    *sections, last = dotted_key.split(".")
+    for name in sections:
+        data = data.setdefault(name, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{dotted_key}: {name!r} is not a section")
+    data[last] = value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a run config from YAML; overrides ({"train.lr": 1e-4}) replace values by dotted key first."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from e
     for key, value in (overrides or {}).items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        set_dotted(data, key, value)
+    return parse_config(data, str(path))
+
+
+def preflight(cfg: RunConfig, source: str = "config") -> None:
+    """Check what a config points at before anything starts: every model reference loads, the STS data
+    of every task (and the validation task) is there, every custom set exists. Raises ConfigError naming
+    the key; a job then exits 2 before Ray starts or any evaluation runs."""
+    problems = []
+    refs = {"model.name_or_path": cfg.model.name_or_path, "model.decoder_name_or_path": cfg.model.decoder_name_or_path,
+            "eval.production_model": cfg.eval.production_model}
+    for key, ref in refs.items():
+        if ref is not None:
+            try:
+                check_model_ref(ref)
+            except FileNotFoundError as e:
+                problems.append(f"{key}: {e}")
+    tasks = list(dict.fromkeys([*cfg.eval.tasks, *([cfg.eval.validation_task] if cfg.eval.validation_task else [])]))
+    missing = missing_tasks(cfg.eval.sts_dir, tasks)
+    if missing:
+        problems.append(f"eval.sts_dir: no data for {missing} under {cfg.eval.sts_dir!r}")
+    for i, custom in enumerate(cfg.eval.custom_sets):
+        fs, path = fsspec.core.url_to_fs(custom.uri)
+        if not fs.exists(path):
+            problems.append(f"eval.custom_sets[{i}].uri: no file at {custom.uri!r}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def json_schema() -> dict:
+    """The run config's JSON Schema (what configs/schema.json holds)."""
+    schema = RunConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tsdae-ray run config"
+    return schema
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Print the run config's JSON Schema.")
+    p.add_argument("--schema", action="store_true", required=True)
+    p.parse_args(argv)
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,14 +13,18 @@ cluster); without, in this process. Exit codes: 0 success, 2 bad arguments or co
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jobs.config import ConfigError, load_config
+from jobs.stages import EXIT_CONFIG, EXIT_EVAL, connect_ray
+from tsdae.eval import (CustomStsConfig, EvalConfig, build_report, evaluate_model, missing_tasks, render_markdown,
+                        write_charts, write_report)
+from tsdae.model import check_model_ref
+
 log = logging.getLogger("tsdae")
-EXIT_CONFIG, EXIT_EVAL = 2, 5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,11 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_eval_config(args: argparse.Namespace):
-    """The EvalConfig: the config file's eval section (or the defaults), then the command-line overrides."""
-    from jobs.config import load_config
-    from tsdae.config import CustomStsConfig, EvalConfig
-
+def build_eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The EvalConfig: the config file's eval section (or the defaults), then the command-line overrides,
+    validated like the file; then the models and the STS data it names are checked to exist."""
     cfg = load_config(args.config).eval if args.config else EvalConfig()
     overrides = {}
     if args.sts_dir:
@@ -56,29 +58,28 @@ def build_eval_config(args: argparse.Namespace):
     if args.actors is not None:
         overrides["actors"] = args.actors
     if args.custom:
-        custom = list(cfg.custom_sets)
+        custom = [c.model_dump() for c in cfg.custom_sets]
         for item in args.custom:
             name, sep, uri = item.partition("=")
             if not sep or not name or not uri:
-                raise ValueError(f"--custom {item!r}: expected NAME=URI")
-            custom.append(CustomStsConfig(name=name, uri=uri))
+                raise ConfigError(f"--custom {item!r}: expected NAME=URI")
+            custom.append({"name": name, "uri": uri})
         overrides["custom_sets"] = custom
-    return dataclasses.replace(cfg, **overrides)
-
-
-def evaluate(model_ref: str, pooling: str, cfg) -> dict:
-    """Score one model: Ray Data actors when cfg.actors >= 1, else in this process."""
-    if cfg.actors >= 1:
-        from tsdae.distributed_eval import evaluate_distributed
-
-        return evaluate_distributed(model_ref, pooling, cfg)
-    import torch
-
-    from tsdae.encode import evaluate_model_dir, local_model_dir
-
-    device = "cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu"
-    with local_model_dir(model_ref) as model_dir:
-        return evaluate_model_dir(model_dir, pooling, cfg, device=device)
+    try:
+        cfg = cfg.replace(**overrides)
+    except ConfigError as e:
+        raise ConfigError(f"command line (eval section): {e}") from None
+    production = ("--production", args.production) if args.production else ("eval.production_model", cfg.production_model)
+    for flag, ref in (("--model", args.model), ("--baseline", args.baseline), production):
+        if ref is not None:
+            try:
+                check_model_ref(ref)
+            except FileNotFoundError as e:
+                raise ConfigError(f"{flag}: {e}") from None
+    missing = missing_tasks(cfg.sts_dir, list(cfg.tasks))
+    if missing:
+        raise ConfigError(f"eval.sts_dir: no data for {missing} under {cfg.sts_dir!r}")
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -86,24 +87,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     # 1. Config.
-    from jobs.config import ConfigError
-
     try:
         cfg = build_eval_config(args)
-    except (ConfigError, ValueError, OSError) as e:
+    except ConfigError as e:
         log.error("bad config: %s", e)
         return EXIT_CONFIG
     out_dir = Path(args.out or f"runs/eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.actors >= 1:
-        import os
-
-        import ray
-
-        from tsdae.trainer import WORKER_ENV
-
-        ray.init(address=args.ray_address, runtime_env={"env_vars": WORKER_ENV},
-                 num_cpus=None if (args.ray_address or "RAY_ADDRESS" in os.environ) else max(2, cfg.actors))
+        connect_ray(args.ray_address, max(2, cfg.actors))
 
     # 2. Evaluate: the model, then the baseline and the production model when given.
     results = {}
@@ -113,7 +105,7 @@ def main(argv=None) -> int:
             continue
         log.info("=== evaluate %s: %s", role, ref)
         try:
-            results[role] = evaluate(ref, args.pooling, cfg)
+            results[role] = evaluate_model(ref, args.pooling, cfg)
         except Exception as e:  # a bad model folder, a missing STS file, a bad custom set, …
             log.error("evaluation of %s %s failed: %s", role, ref, e)
             return EXIT_EVAL
@@ -123,16 +115,13 @@ def main(argv=None) -> int:
                  f" | 7-task avg {avg:.2f}" if avg is not None else "")
 
     # 3. Report: baseline → model (delta), and model vs production.
-    from tsdae.charts import write_charts
-    from tsdae.report import build_report, render_markdown, write_report
-
     baseline = "baseline" in results
     meta = {
         "model": args.model,
         "baseline": args.baseline,
         "production": production,
         "pooling": results["model"]["pooling"],
-        "eval": dataclasses.asdict(cfg),
+        "eval": cfg.model_dump(),
         "labels": {"before": "baseline" if baseline else "model", "after": "model", "production": "production"},
     }
     report = build_report(results["baseline"] if baseline else results["model"],

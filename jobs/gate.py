@@ -8,7 +8,7 @@ back to back), so a change of STS data or evaluation code can never look like a 
 from __future__ import annotations
 
 from jobs.config import GateConfig
-from tsdae.config import AVERAGE_TASKS
+from tsdae.eval import AVERAGE_TASKS
 
 
 def gated_tasks(tasks: list[str]) -> list[str]:

@@ -5,7 +5,6 @@ Pure except ``package_versions`` and ``git_info``, which read the environment th
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import subprocess
@@ -54,7 +53,7 @@ def build_lineage(*, model_id: str, parent: str | None, base_model: str, through
     partitions (rows from the parquet footers, before empty rows are dropped; the corpus stage's own
     counts of what was trained on are under "corpus"). consumed: every partition this model's line has
     trained on, parents included; the next night trains on the rest.
-    cfg: the run config (a dataclass) as the job ran it, warm start included.
+    cfg: the run config (jobs.config.RunConfig) as the job ran it, warm start included.
     """
     meta = report["meta"]
     return {
@@ -71,10 +70,10 @@ def build_lineage(*, model_id: str, parent: str | None, base_model: str, through
             "consumed_partitions": consumed,
             "corpus": meta.get("corpus"),
         },
-        "corruption": dataclasses.asdict(cfg.corrupt),
+        "corruption": cfg.corrupt.model_dump(),
         "seeds": {"corrupt": cfg.corrupt.seed, "train": cfg.train.seed,
                   "replay": cfg.nightly.replay_seed if cfg.nightly else None},
-        "config": {"label": config_label, "resolved": dataclasses.asdict(cfg)},
+        "config": {"label": config_label, "resolved": cfg.model_dump()},
         "code": git,
         "packages": versions,
         "train": meta.get("train"),

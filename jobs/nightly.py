@@ -22,7 +22,6 @@ model failed. Production is unchanged on every non-zero exit.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +30,19 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from jobs.stages import EXIT_GATE, EXIT_PROMOTE  # noqa: E402  (all exit codes live in jobs.stages)
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from jobs import stages
+from jobs.config import ConfigError
+from jobs.gate import decide, gated_tasks, summarize
+from jobs.lineage import build_lineage, git_info, package_versions
+from jobs.registry import Registry, RegistryError
+from jobs.stages import EXIT_CONFIG, EXIT_GATE, EXIT_PROMOTE, start_job
+from pipeline import CorpusError, Partition, list_partitions
+from tsdae.eval import SentenceEncoder, render_markdown, write_report
 
 log = logging.getLogger("tsdae")
 
@@ -39,61 +50,26 @@ EXIT_OK = 0
 
 
 # -- data: hive date partitions ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Partition:
-    """One hive partition ``<key>=YYYY-MM-DD`` under the corpus root; files are (relative path, bytes)."""
-
-    name: str
-    day: date
-    uri: str
-    files: tuple[tuple[str, int], ...]
-
-
-def list_partitions(root_uri: str, key: str) -> list[Partition]:
-    """Every ``<key>=YYYY-MM-DD`` folder under root_uri with at least one parquet file, oldest first.
-
-    Other entries (``_SUCCESS``, ``.tmp``, other keys, unparsable dates) are skipped with a warning.
-    Raises CorpusError if root_uri does not exist.
-    """
-    import fsspec
-
-    from pipeline import CorpusError
-
-    fs, root = fsspec.core.url_to_fs(root_uri)
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        raise CorpusError(f"no partition folder at {root_uri!r}")
-    partitions = []
-    for entry in fs.ls(root, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        k, sep, value = name.partition("=")
-        if entry["type"] != "directory" or k != key or not sep:
-            continue
+def list_days(root_uri: str, key: str) -> list[Partition]:
+    """The corpus stage's partitions ``<key>=YYYY-MM-DD`` under root_uri (pipeline.list_partitions), oldest
+    first; one whose value is not a date is skipped with a warning. Raises CorpusError if root_uri does
+    not exist."""
+    days = []
+    for p in list_partitions(root_uri, key):
         try:
-            day = date.fromisoformat(value)
+            date.fromisoformat(p.value)
         except ValueError:
-            log.warning("skipping partition %s: %r is not a YYYY-MM-DD date", name, value)
+            log.warning("skipping partition %s: %r is not a YYYY-MM-DD date", p.name, p.value)
             continue
-        base = entry["name"].rstrip("/")
-        files = tuple(sorted(
-            (path[len(base) + 1:], int(info["size"]))
-            for path, info in fs.find(base, detail=True).items()
-            if path.endswith(".parquet") and not any(p[:1] in "_." for p in path[len(base) + 1:].split("/"))
-        ))
-        if not files:
-            log.warning("skipping partition %s: no parquet files", name)
-            continue
-        partitions.append(Partition(name, day, f"{root_uri.rstrip('/')}/{name}", files))
-    return sorted(partitions, key=lambda p: p.day)
+        days.append(p)
+    return days
 
 
 def select_partitions(partitions: list[Partition], consumed: set[str], through: date, replay: int,
                       replay_seed: int) -> tuple[list[Partition], list[Partition]]:
     """(new, replayed): the partitions dated ≤ through that production has not trained on, and `replay`
     of those it has, drawn from np.random.default_rng((replay_seed, night)) so a re-run draws the same."""
-    import numpy as np
-
-    new = [p for p in partitions if p.day <= through and p.name not in consumed]
+    new = [p for p in partitions if date.fromisoformat(p.value) <= through and p.name not in consumed]
     seen = [p for p in partitions if p.name in consumed]
     if not new or not replay or not seen:
         return new, []
@@ -104,9 +80,6 @@ def select_partitions(partitions: list[Partition], consumed: set[str], through: 
 
 def partition_record(p: Partition) -> dict:
     """A partition for the lineage: files with sizes and the row count from the parquet footers."""
-    import fsspec
-    import pyarrow.parquet as pq
-
     fs, base = fsspec.core.url_to_fs(p.uri)
     rows = 0
     for rel, _ in p.files:
@@ -122,7 +95,7 @@ def idempotency_key(parent: str | None, new: list[Partition], replay: list[Parti
         "parent": parent,
         "new": [(p.name, p.files) for p in new],
         "replay": [(p.name, p.files) for p in replay],
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.model_dump(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -131,17 +104,12 @@ def idempotency_key(parent: str | None, new: list[Partition], replay: list[Parti
 def warm_start(model_cfg, model_dir: Path):
     """The model config that starts from a registry model folder (encoder/, decoder/)."""
     if model_cfg.tie_decoder:
-        return dataclasses.replace(model_cfg, name_or_path=str(model_dir / "encoder"))
-    return dataclasses.replace(model_cfg, name_or_path=str(model_dir / "encoder"),
-                               decoder_name_or_path=str(model_dir / "decoder"))
+        return model_cfg.replace(name_or_path=str(model_dir / "encoder"))
+    return model_cfg.replace(name_or_path=str(model_dir / "encoder"), decoder_name_or_path=str(model_dir / "decoder"))
 
 
 def verify_loads(encoder_dir: Path, pooling: str) -> None:
     """Load the encoder the way evaluation does and embed two sentences; raise if anything is off."""
-    import numpy as np
-
-    from tsdae.encode import SentenceEncoder
-
     emb = np.asarray(SentenceEncoder(str(encoder_dir), pooling).encode(["A man is playing a guitar.",
                                                                          "Nightly verification."]))
     if emb.ndim != 2 or emb.shape[0] != 2 or not np.isfinite(emb).all():
@@ -160,15 +128,6 @@ class NightResult:
 
 def run_night(cfg, through: date, config_label: str, git_commit: str | None = None) -> NightResult:
     """One night of retraining (see the module docstring). Joins Ray only if there is work to do."""
-    import ray
-
-    from jobs import stages
-    from jobs.gate import decide, summarize
-    from jobs.lineage import build_lineage, git_info, package_versions
-    from jobs.registry import Registry, RegistryError
-    from pipeline import CorpusError
-    from tsdae.report import write_report
-
     nightly = cfg.nightly
     registry = Registry(nightly.registry_uri)
 
@@ -178,7 +137,7 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
     parent = production["model_id"] if production else None
     consumed = set(production["consumed_partitions"]) if production else set()
     try:
-        partitions = list_partitions(cfg.read.uri, nightly.partition_key)
+        partitions = list_days(cfg.read.uri, nightly.partition_key)
     except CorpusError as e:
         log.error("bad data: %s", e)
         return NightResult(stages.EXIT_DATA, "failed")
@@ -206,14 +165,13 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
             return NightResult(EXIT_PROMOTE, "failed")
         model_cfg = warm_start(cfg.model, local)
     log.info("warm start from %s (%s)", parent or cfg.model.name_or_path, model_cfg.name_or_path)
-    run_cfg = dataclasses.replace(cfg, model=model_cfg,
-                                  read=dataclasses.replace(cfg.read, uri=[p.uri for p in new + replay]))
+    run_cfg = cfg.replace(model=model_cfg.model_dump(), read=cfg.read.replace(uri=[p.uri for p in new + replay]).model_dump())
 
     # 3. Read, evaluate production, train, evaluate the candidate, export.
     out_dir = Path(cfg.output_dir) / model_id
     out_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        stages.connect_ray(cfg)
+        stages.connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
     try:
         report = stages.run_all(run_cfg, model_id, out_dir, config_label=config_label)
     except stages.StageError as e:
@@ -268,9 +226,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from jobs.config import ConfigError
-    from jobs.gate import gated_tasks
-    from jobs.stages import EXIT_CONFIG, start_job
 
     # 1. Config: a run config with a nightly section, a single corpus root and a gated STS task.
     def check(cfg) -> None:
@@ -291,8 +246,6 @@ def main(argv=None) -> int:
 
     # 3. Report.
     if result.report is not None:
-        from tsdae.report import render_markdown
-
         print(render_markdown(result.report), flush=True)
     log.info("night through %s: %s%s (exit %d)", through, result.status,
              f", model {result.model_id}" if result.model_id else "", result.exit_code)

@@ -16,6 +16,12 @@ import json
 import logging
 import sys
 
+import fsspec
+
+from jobs.stages import EXIT_CONFIG, EXIT_DATA, connect_ray, start_job
+from pipeline import CorpusError, build_train_dataset, corpus_stats, write_prepared
+from tsdae.model import resolve_model_path
+
 log = logging.getLogger("tsdae")
 
 
@@ -30,7 +36,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from jobs.stages import EXIT_CONFIG, EXIT_DATA, connect_ray, start_job
 
     # 1. Config.
     cfg = start_job(args.config)
@@ -40,12 +45,7 @@ def main(argv=None) -> int:
     micro_batch, _ = cfg.train.per_worker_batch(cfg.scale.num_workers)  # rows per iter_torch_batches batch
 
     # 2. Build: join or start Ray, check and count the corpus, plan the stream.
-    import fsspec
-
-    from pipeline import CorpusError, build_train_dataset, corpus_stats, write_prepared
-    from tsdae.paths import resolve_model_path
-
-    connect_ray(cfg)
+    connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
     try:
         stats = corpus_stats(cfg.read)
         dataset = build_train_dataset(

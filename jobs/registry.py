@@ -33,7 +33,7 @@ from pathlib import Path
 
 import fsspec
 
-from tsdae.report import write_atomic
+from tsdae.storage import write_atomic
 
 SCHEMA_VERSION = 1
 POINTER = "production.json"

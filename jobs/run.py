@@ -15,6 +15,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jobs.stages import EXIT_CONFIG, StageError, connect_ray, run_all, start_job
+from tsdae.eval import render_markdown
+
 log = logging.getLogger("tsdae")
 
 
@@ -29,7 +32,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from jobs.stages import EXIT_CONFIG, StageError, connect_ray, run_all, start_job
 
     # 1. Config.
     cfg = start_job(args.config)
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     log.info("run %s → %s", run_name, out_dir)
 
     # 2. Build and run: join or start Ray, then every stage in order.
-    connect_ray(cfg)
+    connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
     try:
         report = run_all(cfg, run_name, out_dir, config_label=args.config)
     except StageError as e:
@@ -49,8 +51,6 @@ def main(argv=None) -> int:
         return e.exit_code
 
     # 3. Report.
-    from tsdae.report import render_markdown
-
     print(render_markdown(report), flush=True)
     return 0
 

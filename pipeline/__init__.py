@@ -1,24 +1,21 @@
-"""The corpus stage: read and validate parquet, corrupt and tokenize on Ray Data, pad for training.
+"""The corpus stage, on Ray Data (no torch): read and validate parquet, clean, corrupt and tokenize on
+CPU actors, order rows for length-aware batches.
 
-Names are imported on first use (PEP 562), so that a Ray worker that only needs pipeline.noise or
-pipeline.read does not pay for torch (1.5 s of import time per worker process, measured).
+    config      ReadConfig (where and what to read), CorruptConfig (noise, tokenization, length windows)
+    read        file listing, hive partitions and filters, schema checks, cleaning, keyed rows, counts
+    noise       the paper's noise as pure batch functions of (seed, epoch, row key)
+    preprocess  CorruptAndTokenize: the tokenizer actor's callable class
+    batching    length-aware ordering of token-id rows and the padding it leaves
+    dataset     build_train_dataset: the whole training stream; prepared shards written and read back
 """
 
-from importlib import import_module
+from pipeline.batching import padding_fraction
+from pipeline.config import CorruptConfig, ReadConfig
+from pipeline.dataset import build_train_dataset, read_prepared, write_prepared
+from pipeline.preprocess import CorruptAndTokenize
+from pipeline.read import CorpusError, Partition, corpus_stats, list_partitions, read_corpus, row_keys
 
-_EXPORTS = {
-    "CorpusError": "pipeline.read",
-    "build_train_dataset": "pipeline.dataset",
-    "corpus_stats": "pipeline.read",
-    "make_collate_fn": "pipeline.batching",
-    "read_corpus": "pipeline.read",
-    "read_prepared": "pipeline.dataset",
-    "write_prepared": "pipeline.dataset",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__all__ = [
+    "CorpusError", "CorruptAndTokenize", "CorruptConfig", "Partition", "ReadConfig", "build_train_dataset", "corpus_stats",
+    "list_partitions", "padding_fraction", "read_corpus", "read_prepared", "row_keys", "write_prepared",
+]

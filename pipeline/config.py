@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from pipeline.noise import Noise
+from tsdae.config import Float, Section
 
-ON_BAD_FILE = ("fail", "skip")
 FILTER_OPS = ("==", "!=", ">=", "<=", ">", "<")
 _FILTER = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
 
 
-@dataclass(frozen=True)
-class ReadConfig:
+class ReadConfig(Section):
     """Where the corpus is, which column holds the sentences, and what to do with bad input.
 
     uri: any fsspec URI of parquet data: a file, a directory (searched recursively), a glob, or a list
@@ -32,26 +33,29 @@ class ReadConfig:
     """
 
     uri: str | list[str] = "data/corpus/demo.parquet"
-    text_column: str = "text"
-    filters: list[str] = field(default_factory=list)
-    on_bad_file: str = "fail"
-    max_chars: int = 2000
+    text_column: str = Field("text", min_length=1)
+    filters: list[str] = []
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    max_chars: int = Field(2000, ge=1)
 
-    def __post_init__(self):
-        if not self.uri:
-            raise ValueError("read.uri must name a parquet file, directory or glob")
-        for uri in [self.uri] if isinstance(self.uri, str) else self.uri:
-            if uri.startswith("memory://"):
-                raise ValueError(f"read.uri {uri!r}: memory:// is in-process and Ray reads run in other "
-                                 "processes; write the corpus to a local path or an object store")
-        if not self.text_column:
-            raise ValueError("read.text_column must not be empty")
-        if self.on_bad_file not in ON_BAD_FILE:
-            raise ValueError(f"read.on_bad_file must be one of {ON_BAD_FILE}, got {self.on_bad_file!r}")
-        if self.max_chars < 1:
-            raise ValueError(f"read.max_chars must be >= 1, got {self.max_chars}")
-        for f in self.filters:
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, uri: str | list[str]) -> str | list[str]:
+        uris = [uri] if isinstance(uri, str) else uri
+        if not uris or not all(uris):
+            raise ValueError("must name a parquet file, directory or glob")
+        for one in uris:
+            if one.startswith("memory://"):
+                raise ValueError(f"{one!r}: memory:// is in-process and Ray reads run in other processes; "
+                                 "write the corpus to a local path or an object store")
+        return uri
+
+    @field_validator("filters")
+    @classmethod
+    def _check_filters(cls, filters: list[str]) -> list[str]:
+        for f in filters:
             parse_filter(f)
+        return filters
 
     def parsed_filters(self) -> list[tuple[str, str, str]]:
         return [parse_filter(f) for f in self.filters]
@@ -69,8 +73,7 @@ def parse_filter(text: str) -> tuple[str, str, str]:
     return column, op, value
 
 
-@dataclass(frozen=True)
-class CorruptConfig:
+class CorruptConfig(Section):
     """TSDAE input noise, tokenization and length grouping.
 
     del_ratio: fraction of words *deleted* (the paper's 0.6), per word, at least one word kept.
@@ -83,24 +86,14 @@ class CorruptConfig:
       (little padding); 0 turns it off. Needs the batch size (build_train_dataset(batch_size=...)).
     """
 
-    del_ratio: float = 0.6
-    substitute_ratio: float = 0.0
-    mask_ratio: float = 0.0
-    swap_ratio: float = 0.0
-    insert_ratio: float = 0.0
+    del_ratio: Float = Field(0.6, ge=0.0, lt=1.0)
+    substitute_ratio: Float = Field(0.0, ge=0.0, lt=1.0)
+    mask_ratio: Float = Field(0.0, ge=0.0, lt=1.0)
+    swap_ratio: Float = Field(0.0, ge=0.0, lt=1.0)
+    insert_ratio: Float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
-    max_length: int = 128
-    length_window: int = 32
-
-    def __post_init__(self):
-        for name in ("del_ratio", "substitute_ratio", "mask_ratio", "swap_ratio", "insert_ratio"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"corrupt.{name} must be in [0, 1), got {value}")
-        if self.max_length < 4:
-            raise ValueError(f"corrupt.max_length must be >= 4, got {self.max_length}")
-        if self.length_window < 0:
-            raise ValueError(f"corrupt.length_window must be >= 0, got {self.length_window}")
+    max_length: int = Field(128, ge=4)
+    length_window: int = Field(32, ge=0)
 
     def noise(self) -> Noise:
         return Noise(delete=self.del_ratio, substitute=self.substitute_ratio, mask=self.mask_ratio,

@@ -6,7 +6,7 @@ import ray
 
 from pipeline.config import CorruptConfig, ReadConfig
 from pipeline.preprocess import CorruptAndTokenize
-from pipeline.read import read_corpus
+from pipeline.read import CorpusError, read_corpus
 
 # Rows per tokenizer call in an actor when there is no length grouping: big enough to amortize the
 # Python overhead of a batched call (512 rows: ~9.5k sentences/s, 2048: ~16.7k wall on one busy core),
@@ -75,14 +75,6 @@ def build_train_dataset(
     )
 
 
-def preprocess_actors(cluster_cpus: float, train_cpus: float, cpus_per_actor: float = 1.0,
-                      reserve_for_reads: float = 1.0) -> int:
-    """How many tokenizer actors fit beside the training workers: the CPUs Ray Train has not reserved,
-    less reserve_for_reads for the read tasks, divided by cpus_per_actor; at least one."""
-    free = cluster_cpus - train_cpus - reserve_for_reads
-    return max(1, int(free // cpus_per_actor))
-
-
 def write_prepared(dataset: ray.data.Dataset, output_uri: str) -> None:
     """Write a build_train_dataset stream as parquet shards (PREPARED_COLUMNS) under output_uri."""
     dataset.select_columns(list(PREPARED_COLUMNS)).write_parquet(output_uri)
@@ -94,8 +86,6 @@ def read_prepared(uri: str, epochs: list[int] | None = None) -> ray.data.Dataset
     ds = ray.data.read_parquet(uri)
     missing = set(PREPARED_COLUMNS) - set(ds.schema().names)
     if missing:
-        from pipeline.read import CorpusError
-
         raise CorpusError(f"{uri}: not prepared shards, missing columns {sorted(missing)}")
     if epochs is not None:
         wanted = set(epochs)

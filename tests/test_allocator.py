@@ -15,7 +15,7 @@ import pytest
 SCRIPT = """
 import resource, sys
 import torch
-from tsdae.allocator import retain_freed_memory
+from tsdae.model.fast.allocator import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt

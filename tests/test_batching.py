@@ -1,15 +1,13 @@
-"""Right padding for the collate step: pure, no Ray cluster, no model (milliseconds)."""
+"""Right padding of token-id rows into a Batch: pure, no Ray cluster, no model (milliseconds)."""
 
 from __future__ import annotations
-
-import pickle
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.batching import make_collate_fn, pad_batch
+from tsdae.train import micro_batches, pad_batch
 
 PAD = 0
 
@@ -26,12 +24,13 @@ def test_right_pads_ragged_rows_with_masks():
     target = [[101, 7, 8, 102], [101, 9, 102], [101, 5, 6, 7, 8, 102]]
     out = pad_batch({"noisy_ids": _object_column(noisy), "target_ids": _object_column(target),
                      "row_key": np.arange(3, dtype=np.uint64)}, PAD)
-    assert set(out) == {"noisy_input_ids", "noisy_attention_mask", "target_ids"}
-    assert out["noisy_input_ids"].dtype == torch.long and out["target_ids"].dtype == torch.long
-    assert out["noisy_input_ids"].tolist() == [[101, 7, 102, 0, 0], [101, 102, 0, 0, 0], [101, 5, 6, 7, 102]]
-    assert out["noisy_attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert out["target_ids"].tolist() == [
+    assert out.noisy_ids.dtype == torch.long and out.target_ids.dtype == torch.long
+    assert out.noisy_ids.tolist() == [[101, 7, 102, 0, 0], [101, 102, 0, 0, 0], [101, 5, 6, 7, 102]]
+    assert out.noisy_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert out.target_ids.tolist() == [
         [101, 7, 8, 102, 0, 0], [101, 9, 102, 0, 0, 0], [101, 5, 6, 7, 8, 102]]
+    # labels the loss counts: target[1:] without padding, counted on the CPU from the row lengths
+    assert out.n_labels == 3 + 2 + 5 == int((out.target_ids[:, 1:] != PAD).sum())
 
 
 @pytest.mark.parametrize("form", ["object", "equal_length_object", "2d", "arrow", "lists"])
@@ -48,10 +47,11 @@ def test_every_form_ray_can_hand_over(form):
     }[form]()
     out = pad_batch({"noisy_ids": column, "target_ids": column}, PAD)
     lengths = [len([t for t in r if t != PAD]) for r in rows]
-    assert out["noisy_attention_mask"].sum(1).tolist() == lengths
+    assert out.noisy_mask.sum(1).tolist() == lengths
     for i, n in enumerate(lengths):
-        assert out["noisy_input_ids"][i, :n].tolist() == rows[i][:n]
-        assert (out["noisy_input_ids"][i, n:] == PAD).all()
+        assert out.noisy_ids[i, :n].tolist() == rows[i][:n]
+        assert (out.noisy_ids[i, n:] == PAD).all()
+    assert out.n_labels == sum(n - 1 for n in lengths)
 
 
 def test_left_or_inner_padding_is_refused():
@@ -66,8 +66,9 @@ def test_left_or_inner_padding_is_refused():
         pad_batch({"noisy_ids": left_2d, "target_ids": left_2d}, PAD)
 
 
-def test_collate_fn_is_picklable_and_pads():
-    collate = pickle.loads(pickle.dumps(make_collate_fn(PAD)))
-    column = _object_column([[101, 102], [101, 4, 102]])
-    out = collate({"noisy_ids": column, "target_ids": column})
-    assert out["noisy_input_ids"].shape == (2, 3)
+def test_micro_batches_cut_a_ranks_rows_in_order():
+    rows = {"noisy_ids": _object_column([[101, 10 + i, 102] for i in range(6)]),
+            "target_ids": _object_column([[101, 10 + i, 10 + i, 102] for i in range(6)])}
+    parts = micro_batches(rows, micro=2, accumulation=3, pad_id=PAD)
+    assert [p.noisy_ids[:, 1].tolist() for p in parts] == [[10, 11], [12, 13], [14, 15]]
+    assert [p.n_labels for p in parts] == [6, 6, 6]

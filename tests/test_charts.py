@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from tsdae.charts import plot_dev_curve, plot_loss_curve, plot_task_bars, write_charts
-from tsdae.config import STS_TASKS
-from tsdae.report import build_report
+from tsdae.eval.charts import plot_dev_curve, plot_loss_curve, plot_task_bars, write_charts
+from tsdae.eval import STS_TASKS
+from tsdae.eval.report import build_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from benchmarks import compile_step
-from benchmarks.training import collate, make_optimizer
+from benchmarks.batches import collate
+from benchmarks.steps import make_optimizer
 
 
 def _batches(lengths: list[int]) -> list:
@@ -25,8 +26,7 @@ def test_fixed_case_repeats_the_median_batch_and_varying_samples_distinct_batche
 
 
 def test_compiled_step_computes_the_eager_loss(tiny_bert_no_dropout_dir):
-    from tsdae.config import ModelConfig
-    from tsdae.model import build_tsdae
+    from tsdae.model import ModelConfig, build_tsdae
 
     torch.manual_seed(0)
     model, _ = build_tsdae(ModelConfig(name_or_path=tiny_bert_no_dropout_dir, pooling="cls"))

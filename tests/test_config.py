@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from jobs.config import ConfigError, RunConfig, from_dict, load_config
+from jobs.config import ConfigError, RunConfig, load_config, parse_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -27,16 +29,16 @@ def test_unknown_key_is_named(tmp_path):
 
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match=r"scale\.num_workers"):
-        from_dict(RunConfig, {"scale": {"num_workers": "two"}})
+        parse_config({"scale": {"num_workers": "two"}})
 
 
 def test_invalid_value_is_rejected():
     with pytest.raises(ConfigError, match="del_ratio"):
-        from_dict(RunConfig, {"corrupt": {"del_ratio": 1.5}})
+        parse_config({"corrupt": {"del_ratio": 1.5}})
     with pytest.raises(ConfigError, match="pooling"):
-        from_dict(RunConfig, {"model": {"pooling": "first"}})
+        parse_config({"model": {"pooling": "first"}})
     with pytest.raises(ConfigError, match="eval.tasks"):
-        from_dict(RunConfig, {"eval": {"tasks": ["STS99"]}})
+        parse_config({"eval": {"tasks": ["STS99"]}})
 
 
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
@@ -46,5 +48,91 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
 
 
 def test_optional_and_list_fields():
-    cfg = from_dict(RunConfig, {"train": {"max_steps": None}, "read": {"uri": ["a.parquet", "b.parquet"]}})
+    cfg = parse_config({"train": {"max_steps": None}, "read": {"uri": ["a.parquet", "b.parquet"]}})
     assert cfg.train.max_steps is None and cfg.read.uri == ["a.parquet", "b.parquet"]
+
+
+def test_values_are_frozen():
+    cfg = parse_config({})
+    with pytest.raises(ValueError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    assert cfg.train.replace(lr=1e-4).lr == 1e-4 and cfg.train.lr == 3e-5
+
+
+def test_strict_types_no_silent_coercion():
+    for bad in ({"train": {"epochs": 2.0}}, {"train": {"deterministic": "yes"}}, {"scale": {"use_gpu": 1}},
+                {"read": {"uri": 5}}):
+        with pytest.raises(ConfigError, match=next(iter(bad)) + r"\."):
+            parse_config(bad)
+    assert parse_config({"train": {"lr": 1}}).train.lr == 1.0  # an int is a valid float
+
+
+def test_batch_arithmetic_is_checked_against_the_worker_counts_at_load_time():
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size 5 is not divisible by 2 workers"):
+        parse_config({"train": {"global_batch_size": 5}, "scale": {"num_workers": 2}})
+    with pytest.raises(ConfigError, match=r"by 3 workers"):  # the elastic lower bound must split it too
+        parse_config({"train": {"global_batch_size": 8}, "scale": {"num_workers": 4, "min_workers": 3}})
+    with pytest.raises(ConfigError, match=r"micro_batch_size 3"):
+        parse_config({"train": {"global_batch_size": 8, "micro_batch_size": 3}, "scale": {"num_workers": 2}})
+
+
+def test_dotted_overrides_are_validated_like_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 3.0e-5\n")
+    cfg = load_config(path, {"train.lr": 1e-4, "scale.num_workers": 4, "train.global_batch_size": 16})
+    assert (cfg.train.lr, cfg.scale.num_workers, cfg.train.global_batch_size) == (1e-4, 4, 16)
+    with pytest.raises(ConfigError, match=r"train\.lrr"):
+        load_config(path, {"train.lrr": 1e-4})
+
+
+def test_shipped_schema_is_generated_from_the_config_models():
+    from jobs.config import SCHEMA_PATH, json_schema
+
+    assert json.loads(SCHEMA_PATH.read_text()) == json_schema(), \
+        "configs/schema.json is stale: python -m jobs.config --schema > configs/schema.json"
+    assert set(json_schema()["properties"]) >= {"read", "corrupt", "model", "train", "scale", "eval", "nightly"}
+
+
+def test_preflight_names_what_does_not_exist(tmp_path):
+    from jobs.config import preflight
+
+    sts = str(ROOT / "data/sts")
+    preflight(parse_config({"eval": {"sts_dir": sts}}))  # the defaults point at things that exist
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: .*/nonexistent/model"):
+        preflight(parse_config({"model": {"name_or_path": "/nonexistent/model"}, "eval": {"sts_dir": sts}}))
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: .*pip install no-such-model"):
+        preflight(parse_config({"model": {"name_or_path": "package:no_such_model"}, "eval": {"sts_dir": sts}}))
+    with pytest.raises(ConfigError, match=r"eval\.sts_dir: no data for \['STS12'"):
+        preflight(parse_config({"eval": {"sts_dir": str(tmp_path), "tasks": ["STS12"], "validation_task": None}}))
+    with pytest.raises(ConfigError, match=r"eval\.production_model"):
+        preflight(parse_config({"eval": {"sts_dir": sts, "production_model": str(tmp_path / "gone")}}))
+    with pytest.raises(ConfigError, match=r"eval\.custom_sets\[0\]\.uri"):
+        preflight(parse_config({"eval": {"sts_dir": sts, "custom_sets": [{"name": "m", "uri": str(tmp_path / "x.csv")}]}}))
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"train": {"global_batch_size": 5}}, "train.global_batch_size"),
+    ({"model": {"name_or_path": "/nonexistent/model"}}, "model.name_or_path"),
+    ({"eval": {"tasks": ["STS99"]}}, "eval.tasks"),
+])
+def test_a_bad_config_exits_2_naming_the_key_before_ray_starts(tmp_path, change, key):
+    """What a new user met: a batch that does not split ran the base evaluation for 235 s and died with a
+    traceback (exit 1); a missing model exited 5 after 35 s. Now both, and an unknown task, exit 2 at once."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    for section, values in change.items():
+        cfg[section].update(values)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert key in out.stderr and "Traceback" not in out.stderr
+    assert "Started a local Ray instance" not in out.stderr and "=== stage" not in out.stderr
+    assert time.perf_counter() - started < 60

@@ -33,7 +33,7 @@ def test_runtime_env_recipe_is_a_valid_ray_runtime_env():
 def test_recipes_do_not_set_what_the_jobs_ray_init_sets():
     """Ray fails a job whose runtime_env sets an env var that the driver's ray.init also sets (found by
     tests/test_job_submit.py: "Failed to merge the Job's runtime env ... because of a conflict")."""
-    from tsdae.trainer import WORKER_ENV
+    from jobs.stages import WORKER_ENV
 
     recipe = yaml.safe_load((DEPLOY / "runtime_env.yaml").read_text())
     job = yaml.safe_load((DEPLOY / "kuberay" / "raycronjob.yaml").read_text())["spec"]["jobTemplate"]
@@ -52,7 +52,7 @@ def test_rayignore_keeps_the_working_dir_upload_small(tmp_path):
     size = package.stat().st_size
     assert size < 50 * 2**20 < GCS_STORAGE_MAX_SIZE, f"{size / 2**20:.1f} MiB"
     assert not [n for n in names if n.split("/")[0] in (".venv", ".git", "runs") or "__pycache__" in n]
-    for needed in ("jobs/nightly.py", "tsdae/train.py", "pipeline/read.py", "configs/nightly-gpu.yaml",
+    for needed in ("jobs/nightly.py", "tsdae/train/loop.py", "pipeline/read.py", "configs/nightly-gpu.yaml",
                    "deploy/runtime_env.yaml"):
         assert needed in names
     assert any(n.startswith("data/sts/") for n in names)

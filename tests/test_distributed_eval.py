@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tsdae.config import EvalConfig
-from tsdae.distributed_eval import length_sorted_blocks
+from tsdae.eval import EvalConfig
+from tsdae.eval.actors import length_sorted_blocks
 
 STS_DIR = Path(__file__).resolve().parents[1] / "data" / "sts"
 
@@ -37,10 +37,8 @@ def test_length_sorted_blocks_cover_every_sentence_once():
 
 @pytest.mark.ray
 def test_actors_match_single_process_and_lose_no_pair(ray_local, tiny_bert_dir, tmp_path):
-    import ray.train
-
-    from tsdae.distributed_eval import encode_with_actors, evaluate_distributed
-    from tsdae.encode import SentenceEncoder, evaluate_model_dir
+    from tsdae.eval import SentenceEncoder, evaluate_model_dir
+    from tsdae.eval.actors import encode_with_actors, evaluate_distributed
 
     ray_local.data.DataContext.get_current().enable_progress_bars = False
     # 97 pairs, batch 8, blocks of 64 rows, 2 actors: the tail batch and block are partial.
@@ -53,22 +51,16 @@ def test_actors_match_single_process_and_lose_no_pair(ray_local, tiny_bert_dir, 
     assert ours["tasks"]["STSB-dev"]["n_pairs"] == 97
     assert ours["tasks"]["STSB-dev"]["all"] == pytest.approx(local["tasks"]["STSB-dev"]["all"], abs=1e-6)
 
-    # From a training checkpoint that holds only state.pt: each actor rebuilds the encoder.
+    # From an exported model folder (what a run's "after" evaluation reads), each actor loading it once.
     import torch
 
-    from tsdae.config import ModelConfig
-    from tsdae.model import build_tsdae
+    from tsdae.model import ModelConfig, build_tsdae, export_encoder
 
-    model, _ = build_tsdae(ModelConfig(name_or_path=tiny_bert_dir))
+    model, tokenizer = build_tsdae(ModelConfig(name_or_path=tiny_bert_dir))
     with torch.no_grad():
         model.encoder.embeddings.word_embeddings.weight.mul_(1.5)
-    ckpt = tmp_path / "checkpoint_000000"
-    ckpt.mkdir()
-    torch.save({"model": model.state_dict(), "optimizer": {}, "step": 3}, ckpt / "state.pt")
+    folder = export_encoder(model, tokenizer, tmp_path / "encoder", max_seq_length=128)
     sentences = [f"sentence {i} " + "word " * (i % 11) for i in range(37)]
-    emb = encode_with_actors(sentences, ray.train.Checkpoint.from_directory(str(ckpt)), "cls",
-                             EvalConfig(batch_size=4, actors=1, num_cpus=1), base_model=tiny_bert_dir)
-    from transformers import AutoTokenizer
-
-    expected = SentenceEncoder.from_module(model.encoder, AutoTokenizer.from_pretrained(tiny_bert_dir), "cls").encode(sentences)
+    emb = encode_with_actors(sentences, str(folder), "cls", EvalConfig(batch_size=4, actors=1, num_cpus=1))
+    expected = SentenceEncoder.from_module(model.encoder, tokenizer, "cls").encode(sentences)
     np.testing.assert_allclose(emb, expected, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tsdae.dropout import FastDropout, keep_scale_mask, use_fast_dropout
+from tsdae.model.fast.dropout import FastDropout, keep_scale_mask, use_fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -78,7 +78,7 @@ def test_use_fast_dropout_can_be_undone():
 
 
 def test_torch_compile_draws_the_masks_in_its_graph_without_breaking_it():
-    from tsdae.dropout import dropout_multiplier
+    from tsdae.model.fast.dropout import dropout_multiplier
 
     def step(x):
         keep = dropout_multiplier(x.shape, 0.5, x.dtype, x.device)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tsdae.config import EvalConfig
-from tsdae.encode import SentenceEncoder, evaluate_model_dir
-from tsdae.evaluation import evaluate_sts
-from tsdae.sts import load_task
+from tsdae.eval import EvalConfig
+from tsdae.eval.encode import SentenceEncoder, evaluate_model_dir
+from tsdae.eval.protocol import evaluate_sts
+from tsdae.eval.sts import load_task
 
 SENTENCES = [
     "a short one",
@@ -28,7 +28,7 @@ STS_DIR = Path(__file__).resolve().parents[1] / "data" / "sts"
 
 
 def _direct(model_dir: str, sentences: list[str], pooling: str, max_length: int = 128) -> np.ndarray:
-    """One sentence at a time, no padding, pooling written out here (not tsdae.pooling)."""
+    """One sentence at a time, no padding, pooling written out here (not tsdae.model.pooling)."""
     from transformers import AutoModel, AutoTokenizer
 
     model, tokenizer = AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
@@ -132,7 +132,7 @@ def test_matches_sentence_transformers_on_a_tiny_model(tiny_bert_dir):
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
-    from tsdae.sts import StsSubset
+    from tsdae.eval.sts import StsSubset
 
     [dev] = load_task(str(STS_DIR), "STSB-dev")
     subsets = [StsSubset(name, dev.sentences1[a:b], dev.sentences2[a:b], dev.scores[a:b])
@@ -169,10 +169,10 @@ def test_matches_sentence_transformers_on_the_packaged_model(packaged_model_dir,
 def test_resolve_pooling_from_model_files(tiny_bert_dir, tmp_path):
     import shutil
 
-    from tsdae.encode import resolve_pooling
+    from tsdae.model import model_pooling
 
-    assert resolve_pooling(tiny_bert_dir, "auto") == "cls"  # a bare Hugging Face folder
-    assert resolve_pooling(tiny_bert_dir, "max") == "max"
+    assert model_pooling(tiny_bert_dir, "auto") == "cls"  # a bare Hugging Face folder
+    assert model_pooling(tiny_bert_dir, "max") == "max"
     st_dir = tmp_path / "st"
     shutil.copytree(tiny_bert_dir, st_dir)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -181,21 +181,21 @@ def test_resolve_pooling_from_model_files(tiny_bert_dir, tmp_path):
     (st_dir / "modules.json").write_text(json.dumps(modules))
     (st_dir / "1_Pooling").mkdir()
     (st_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    assert resolve_pooling(str(st_dir)) == "mean"
+    assert model_pooling(str(st_dir)) == "mean"
     assert SentenceEncoder(str(st_dir), "auto").pooling == "mean"
     (st_dir / "tsdae.json").write_text(json.dumps({"pooling": "max"}))
-    assert resolve_pooling(str(st_dir)) == "max"  # our own export's record wins
+    assert model_pooling(str(st_dir)) == "max"  # our own export's record wins
     (st_dir / "tsdae.json").unlink()
     modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
     (st_dir / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ValueError, match="Dense"):
-        resolve_pooling(str(st_dir))
+        model_pooling(str(st_dir))
 
 
 def test_local_model_dir_copies_a_remote_folder(tiny_bert_dir):
     import fsspec
 
-    from tsdae.encode import local_model_dir
+    from tsdae.model import local_model_dir
 
     fs = fsspec.filesystem("memory")
     for path in Path(tiny_bert_dir).iterdir():

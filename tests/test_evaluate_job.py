@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from jobs.evaluate import main
@@ -54,8 +55,13 @@ def test_exit_codes(tiny_bert_dir, tmp_path):
     sts_dir = _small_sts(tmp_path / "sts")
     assert main(["--model", tiny_bert_dir, "--custom", "no-equals-sign", "--out", str(tmp_path / "a")]) == 2
     assert main(["--model", tiny_bert_dir, "--tasks", "STS99", "--out", str(tmp_path / "b")]) == 2
+    # a model that does not exist is a bad argument, refused before anything is evaluated
     assert main(["--model", str(tmp_path / "missing"), "--sts-dir", sts_dir, "--tasks", "STSB-dev",
-                 "--out", str(tmp_path / "c")]) == 5
+                 "--out", str(tmp_path / "c")]) == 2
+    broken = tmp_path / "broken"  # a model folder whose weights are missing: the evaluation itself fails
+    broken.mkdir()
+    shutil.copy(Path(tiny_bert_dir) / "config.json", broken / "config.json")
+    assert main(["--model", str(broken), "--sts-dir", sts_dir, "--tasks", "STSB-dev", "--out", str(tmp_path / "e")]) == 5
     assert main(["--model", tiny_bert_dir, "--sts-dir", sts_dir, "--tasks", "STSB-dev",
                  "--out", str(tmp_path / "d")]) == 0  # evaluation only: one model, no deltas
     report = json.loads((tmp_path / "d" / "report.json").read_text())

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from tsdae.config import AVERAGE_TASKS
-from tsdae.evaluation import cosine_similarity, evaluate_sts
-from tsdae.sts import StsSubset
+from tsdae.eval import AVERAGE_TASKS
+from tsdae.eval.protocol import cosine_similarity, evaluate_sts
+from tsdae.eval.sts import StsSubset
 
 
 def _subset(name: str, sims: list[float], gold: list[float], tag: str) -> tuple[StsSubset, dict]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsdae.config import ModelConfig
-from tsdae.export import export_decoder, export_encoder, read_pooling
+from tsdae.model import ModelConfig
+from tsdae.model import export_decoder, export_encoder, model_pooling
 from tsdae.model import build_tsdae
 
 SENTENCES = ["a man is playing a guitar", "the weather is nice today", "short"]
@@ -27,7 +27,7 @@ def test_sentence_transformers_loads_same_embeddings(tiny_bert_dir, tmp_path, po
         ours = model.embed(batch["input_ids"], batch["attention_mask"])
     theirs = st.SentenceTransformer(str(out), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
-    assert read_pooling(out) == pooling
+    assert model_pooling(str(out)) == pooling
 
 
 def test_plain_transformers_loads_encoder_and_decoder(tiny_bert_dir, tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsdae.config import ModelConfig
-from tsdae.fast_decoder import (
+from tsdae.model import ModelConfig
+from tsdae.model.fast.decoder import (
     cross_attention_projections,
     decoder_hidden_states,
     decoder_label_states,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsdae.config import ModelConfig
-from tsdae.fast_encoder import encoder_hidden_states, supports_fast_encoder
+from tsdae.model import ModelConfig
+from tsdae.model.fast.encoder import encoder_hidden_states, supports_fast_encoder
 from tsdae.model import build_tsdae
 
 NOISY = ["cat mat", "much longer sentence distributed training embeddings many machines", "short"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertLMHeadModel, BertModel
 
-from tsdae.flops import Shape, forward_flops, training_flops
-from tsdae.fast_decoder import cross_attention_projections
+from tsdae.train.flops import Shape, forward_flops, training_flops
+from tsdae.model.fast.decoder import cross_attention_projections
 from tsdae.model import TSDAE, tie_decoder_to_encoder
 
 
@@ -58,11 +59,30 @@ def test_plain_decoder_count_adds_the_per_token_cross_attention():
 
 
 def test_the_peak_is_the_best_library_and_cpu_fp32_measures_onednn_too():
-    from tsdae import linear
-    from tsdae.flops import matmul_peak_by_library, matmul_peak_flops
+    from tsdae.model.fast import linear
+    from tsdae.train.flops import matmul_peak_by_library, matmul_peak_flops
 
     peaks = matmul_peak_by_library(torch.device("cpu"), torch.float32, n=128, repeats=1)
-    assert set(peaks) == ({"torch.mm", "onednn"} if linear.available() else {"torch.mm"})
+    assert set(peaks) == ({"F.linear", "onednn"} if linear.available() else {"F.linear"})
     assert all(p > 0 for p in peaks.values())
-    assert set(matmul_peak_by_library(torch.device("cpu"), torch.bfloat16, n=64, repeats=1)) == {"torch.mm"}
+    assert set(matmul_peak_by_library(torch.device("cpu"), torch.bfloat16, n=64, repeats=1)) == {"F.linear"}
     assert matmul_peak_flops(torch.device("cpu"), n=64, repeats=1) > 0
+
+
+def test_the_peak_includes_the_models_own_layer_shapes(small_tsdae, monkeypatch):
+    """A model's layers are timed too, so a peak is never below what they reach (a large emulated-bf16
+    square alone was, and gave an MFU above 1)."""
+    from tsdae.train import flops
+
+    assert flops.linear_shapes(small_tsdae) == [(64, 64), (64, 97), (64, 160), (160, 64)]
+    timed = []
+    real = F.linear
+
+    def recording(x, w, *args):
+        timed.append((x.shape[0], x.shape[1], w.shape[0]))
+        return real(x, w, *args)
+
+    monkeypatch.setattr(flops.F, "linear", recording)
+    flops.matmul_peak_by_library(torch.device("cpu"), torch.bfloat16, n=32, repeats=1,
+                                 layers=flops.linear_shapes(small_tsdae), rows=8)
+    assert set(timed) == {(32, 32, 32), (8, 64, 64), (8, 64, 97), (8, 64, 160), (8, 160, 64)}

@@ -173,7 +173,7 @@ def test_nightly_job_exit_codes_under_submission(ray_head, tiny_bert_dir, tmp_pa
     night with nothing new exits 0 and a re-submitted rejected night exits 6 through the Python client.
     (A real training night that promotes or is rejected runs in tests/test_nightly.py, in-process.)"""
     from jobs.config import load_config
-    from jobs.nightly import idempotency_key, list_partitions
+    from jobs.nightly import idempotency_key, list_days
     from jobs.registry import Registry
 
     address, env = ray_head
@@ -206,7 +206,7 @@ def test_nightly_job_exit_codes_under_submission(ray_head, tiny_bert_dir, tmp_pa
 
     # 3. The same night again after the gate rejected it: the night's record answers, exit 6, no training.
     cfg = load_config(good)
-    key = idempotency_key(None, list_partitions(cfg.read.uri, "date"), [], cfg)
+    key = idempotency_key(None, list_days(cfg.read.uri, "date"), [], cfg)
     Registry(cfg.nightly.registry_uri).record_night(key, {"status": "rejected", "exit_code": 6})
     spec["entrypoint"] = f"{sys.executable} -m jobs.nightly --config {good} --through 2024-01-02"
     info = _client(ray_head, "wait", _client(ray_head, "submit", json.dumps(spec))["job_id"])

@@ -1,12 +1,12 @@
-"""tsdae.linear: fp32 CPU products on oneDNN, equal to F.linear within fp32 rounding."""
+"""tsdae.model.fast.linear: fp32 CPU products on oneDNN, equal to F.linear within fp32 rounding."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsdae import linear
-from tsdae.linear import FastLinear, bucket_rows, fast_linear, layer_on_onednn, runs_on_onednn, use_fast_linear
+from tsdae.model.fast import linear
+from tsdae.model.fast.linear import FastLinear, bucket_rows, fast_linear, layer_on_onednn, runs_on_onednn, use_fast_linear
 
 needs_onednn = pytest.mark.skipif(not linear.available(), reason="this torch build has no oneDNN linear op")
 
@@ -118,7 +118,7 @@ def test_use_fast_linear_keeps_modules_parameters_and_ties():
 
 
 def test_build_tsdae_uses_fast_linear_and_the_loss_still_matches_plain_linear(tiny_bert_no_dropout_dir):
-    from tsdae.config import ModelConfig
+    from tsdae.model import ModelConfig
     from tsdae.model import build_tsdae
 
     model, tok = build_tsdae(ModelConfig(name_or_path=tiny_bert_no_dropout_dir, pooling="cls"))

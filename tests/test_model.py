@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsdae.config import ModelConfig
+from tsdae.model import ModelConfig
 from tsdae.model import ModelError, build_tsdae, tsdae_loss
 
 SENTENCES = [

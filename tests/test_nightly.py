@@ -66,14 +66,14 @@ def test_partitions_are_listed_oldest_first_and_junk_is_skipped(tmp_path):
     (corpus / "date=yesterday").mkdir()
     (corpus / "_SUCCESS").write_text("")
     (corpus / "date=2024-01-01" / "_tmp.parquet").write_text("")
-    parts = nightly.list_partitions(str(corpus), "date")
+    parts = nightly.list_days(str(corpus), "date")
     assert [p.name for p in parts] == ["date=2024-01-01", "date=2024-01-02"]
     assert parts[0].files[0][0] == "part-0.parquet" and parts[0].files[0][1] > 0
     assert nightly.partition_record(parts[0])["rows"] == 1
 
 
 def test_selection_takes_unseen_days_up_to_the_night_and_a_derived_replay(tmp_path):
-    parts = [nightly.Partition(f"date={d}", date.fromisoformat(d), f"x/date={d}", (("p.parquet", 1),))
+    parts = [nightly.Partition(f"date={d}", d, f"x/date={d}", (("p.parquet", 1),))
              for d in ("2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05")]
     consumed = {"date=2024-01-01", "date=2024-01-02", "date=2024-01-03"}
     new, replay = nightly.select_partitions(parts, consumed, date(2024, 1, 4), replay=2, replay_seed=0)
@@ -87,10 +87,10 @@ def test_selection_takes_unseen_days_up_to_the_night_and_a_derived_replay(tmp_pa
 
 def test_idempotency_key_changes_with_every_input(tmp_path, tiny_bert_dir):
     cfg = _config(tmp_path, tiny_bert_dir)
-    p = nightly.Partition("date=2024-01-01", date(2024, 1, 1), "x", (("p.parquet", 10),))
+    p = nightly.Partition("date=2024-01-01", "2024-01-01", "x", (("p.parquet", 10),))
     key = nightly.idempotency_key(None, [p], [], cfg)
     assert key == nightly.idempotency_key(None, [p], [], cfg)
-    rewritten = nightly.Partition(p.name, p.day, p.uri, (("p.parquet", 11),))
+    rewritten = nightly.Partition(p.name, p.value, p.uri, (("p.parquet", 11),))
     others = [nightly.idempotency_key("m0", [p], [], cfg), nightly.idempotency_key(None, [rewritten], [], cfg),
               nightly.idempotency_key(None, [p], [p], cfg),
               nightly.idempotency_key(None, [p], [], _config(tmp_path, tiny_bert_dir, corrupt={"seed": 1}))]
@@ -119,7 +119,7 @@ def test_gate_promotes_only_within_tolerance_and_per_task_drop():
 
 
 def test_gate_uses_the_7_task_average_when_all_seven_were_evaluated():
-    from tsdae.config import AVERAGE_TASKS
+    from tsdae.eval import AVERAGE_TASKS
 
     prod = _result({t: 50.0 for t in AVERAGE_TASKS})
     cand = _result({t: 50.0 + i for i, t in enumerate(AVERAGE_TASKS)})
@@ -161,8 +161,8 @@ class FakeStages:
         rows = sum(pq.ParquetDataset(u).read().num_rows for u in cfg.read.uri)
         return {"rows_read": rows, "dropped_null": 0, "dropped_empty": 0, "rows_kept": rows}
 
-    def evaluate_stage(self, label, model_ref, pooling, eval_cfg, subdir=None):
-        encoder = Path(model_ref) if isinstance(model_ref, str) else Path(model_ref.path) / subdir
+    def evaluate_stage(self, label, model_ref, pooling, eval_cfg):
+        encoder = Path(model_ref)
         self.calls.append(("evaluate", label, str(encoder)))
         s = self._score(encoder)
         return {"tasks": {t: {"all": s, "wmean": s} for t in eval_cfg.tasks}, "avg7_all": None, "avg7_wmean": None}
@@ -174,14 +174,15 @@ class FakeStages:
             shutil.rmtree(ckpt)
         shutil.copytree(self.tiny, ckpt / "encoder")
         (ckpt / "encoder" / "score.json").write_text(json.dumps(self.next_score))
-        return SimpleNamespace(checkpoint=SimpleNamespace(path=str(ckpt)), error=None)
+        return SimpleNamespace(checkpoint=SimpleNamespace(path=str(ckpt)), error=None, metrics={"step": 3},
+                               path=str(self.ckpts / "no-validation-history"), filesystem=None)
 
-    def export_stage(self, checkpoint, out_dir):
+    def export_stage(self, result, selected, out_dir, cfg):
         self.calls.append(("export",))
         for item in ("encoder", "decoder"):
             if (out_dir / item).exists():
                 shutil.rmtree(out_dir / item)
-            shutil.copytree(Path(checkpoint.path) / "encoder", out_dir / item)
+            shutil.copytree(Path(selected.checkpoint.path) / "encoder", out_dir / item)
         summary = {"steps": 3, "world_size": 2, "rows_trained_per_rank": [24, 24], "replicas_identical": True}
         (out_dir / "summary.json").write_text(json.dumps(summary))
         (out_dir / "metrics.jsonl").write_text("")
@@ -192,7 +193,7 @@ class FakeStages:
 
         for name in ("read_stage", "evaluate_stage", "train_stage", "export_stage"):
             monkeypatch.setattr(jobs.stages, name, getattr(self, name))
-        monkeypatch.setattr(jobs.stages, "connect_ray", lambda cfg: None)
+        monkeypatch.setattr(jobs.stages, "connect_ray", lambda *args: None)
         return self
 
 
@@ -283,8 +284,8 @@ CRASH_POINTS = {
     "train": ("jobs.stages", "train_stage", lambda fake, real: _crash),
     "evaluate candidate": ("jobs.stages", "evaluate_stage", lambda fake, real: _crash_on_second_call(real)),
     "export": ("jobs.stages", "export_stage", lambda fake, real: _crash),
-    "report": ("tsdae.report", "write_report", lambda fake, real: _crash),
-    "gate": ("jobs.gate", "decide", lambda fake, real: _crash),
+    "report": ("jobs.stages", "write_report", lambda fake, real: _crash),
+    "gate": ("jobs.nightly", "decide", lambda fake, real: _crash),
     "upload (after some files)": ("jobs.registry.Registry", "_put_file", lambda fake, real: _crash_on_second_call(real)),
     "manifest": ("jobs.registry.Registry", "publish", None),  # files uploaded, manifest write dies
     "verify download": ("jobs.registry.Registry", "fetch", lambda fake, real: _crash_on_second_call(real)),

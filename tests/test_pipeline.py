@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import CorpusError, build_train_dataset, corpus_stats, read_corpus
-from pipeline.config import CorruptConfig, ReadConfig
+from pipeline import CorruptConfig, ReadConfig
 
 pytestmark = pytest.mark.ray
 
@@ -196,3 +196,14 @@ def test_length_aware_batches_pad_less_than_read_order(corpus, tiny_bert_dir, ra
     bucketed, plain = target_lengths(8), target_lengths(None)
     assert sorted(bucketed) == sorted(plain)
     assert padding_fraction(bucketed, 8) < 0.5 * padding_fraction(plain, 8)
+
+
+def test_the_corpus_stage_imports_no_torch():
+    """Read tasks import pipeline; torch costs ~1.5 s per worker process and the stage never uses it (the
+    tokenizer actors load it through transformers when they build their tokenizer)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline, pipeline.read, pipeline.noise; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

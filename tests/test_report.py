@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tsdae.config import STS_TASKS
-from tsdae.report import SCHEMA_VERSION, build_report, load_report, render_markdown, write_report
+from tsdae.eval import STS_TASKS
+from tsdae.eval.report import SCHEMA_VERSION, build_report, load_report, render_markdown, write_report
 
 
 def _result(all_by_task: dict[str, float], avg7_all: float | None, avg7_wmean: float | None) -> dict:

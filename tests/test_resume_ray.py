@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import CorruptConfig, ReadConfig
-from tsdae.config import ModelConfig, ScaleConfig, TrainConfig
+from pipeline import CorruptConfig, ReadConfig
+from tsdae.model import ModelConfig
+from tsdae.train import ScaleConfig, TrainConfig
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +32,12 @@ def corpus(tmp_path_factory) -> str:
 def run(ray_local, tiny_bert_no_dropout_dir, corpus, tmp_path_factory):
     """Train; returns (state dict of the final model, summary) for one configuration."""
     from pipeline import build_train_dataset
-    from tsdae.trainer import build_trainer
+    from tsdae.train import build_trainer, train_loop_per_worker
+    from tsdae.train.faults import CrashOnce
 
     storage = tmp_path_factory.mktemp("ray")
 
-    def _run(name: str, workers: int, max_steps: int = STEPS, fault_at_step=None, max_failures=0):
+    def _run(name: str, workers: int, max_steps: int = STEPS, crash_at_step=None, max_failures=0):
         dataset = build_train_dataset(ReadConfig(uri=corpus), CorruptConfig(max_length=32),
                                       tiny_bert_no_dropout_dir, epochs=1, num_actors=1, cpus_per_actor=0.5)
         # fp32: these tests compare weights across worker counts to float tolerance.
@@ -44,12 +46,13 @@ def run(ray_local, tiny_bert_no_dropout_dir, corpus, tmp_path_factory):
         trainer = build_trainer(
             dataset, model=ModelConfig(name_or_path=tiny_bert_no_dropout_dir), train=train,
             scale=ScaleConfig(num_workers=workers, cpus_per_worker=0.5, max_failures=max_failures),
-            max_length=32, rows=60, name=name, storage_path=str(storage), fault_at_step=fault_at_step,
+            max_length=32, rows=60, name=name, storage_path=str(storage),
+            loop=train_loop_per_worker if crash_at_step is None else CrashOnce(crash_at_step),
         )
         result = trainer.fit()
         assert result.error is None
         with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", weights_only=False)
+            state = torch.load(Path(d) / "state.pt", weights_only=True)
             summary = json.loads((Path(d) / "summary.json").read_text())
         return state, summary
 
@@ -83,7 +86,7 @@ def test_one_worker_full_batch_equals_two_workers_half_batch(run, uninterrupted)
 
 
 def test_killed_worker_resumes_from_checkpoint_to_the_same_weights(run, uninterrupted):
-    state, summary = run("killed", workers=2, fault_at_step=3, max_failures=1)
+    state, summary = run("killed", workers=2, crash_at_step=3, max_failures=1)
     assert summary["resumed_from_step"] == 2  # the last checkpoint before the crash at step 3
     assert summary["steps"] == STEPS
     _assert_same_weights(state["model"], uninterrupted[0]["model"], exact=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tsdae.config import STS_TASKS, CustomStsConfig, EvalConfig
-from tsdae.sts import StsSubset, load_custom, load_suite, load_task, load_tasks
+from tsdae.eval import STS_TASKS, CustomStsConfig, EvalConfig
+from tsdae.eval.sts import StsSubset, load_custom, load_suite, load_task, load_tasks
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "sts"
 
@@ -212,15 +212,15 @@ def test_load_suite_adds_custom_sets_from_a_remote_uri(tmp_path):
 
 
 def test_eval_config_with_custom_sets_from_a_run_config_mapping():
-    from jobs.config import ConfigError, RunConfig, from_dict
+    from jobs.config import ConfigError, parse_config
 
-    cfg = from_dict(RunConfig, {"eval": {"actors": 2, "production_model": "s3://models/live", "custom_sets": [
+    cfg = parse_config({"eval": {"actors": 2, "production_model": "s3://models/live", "custom_sets": [
         {"name": "mine", "uri": "s3://bucket/pairs.parquet", "score_column": "label"}]}}).eval
     assert cfg.custom_sets == [CustomStsConfig(name="mine", uri="s3://bucket/pairs.parquet", score_column="label")]
     assert cfg.actors == 2 and cfg.production_model == "s3://models/live"
     with pytest.raises(ConfigError, match=r"eval\.custom_sets\[0\]\.colour"):
-        from_dict(RunConfig, {"eval": {"custom_sets": [{"name": "m", "uri": "x.csv", "colour": 1}]}})
+        parse_config({"eval": {"custom_sets": [{"name": "m", "uri": "x.csv", "colour": 1}]}})
     for bad in ({"actors": -1}, {"precision": "fp8"}, {"validation_task": "STS99"},
                 {"custom_sets": [{"name": "m", "uri": "a.csv"}, {"name": "m", "uri": "b.csv"}]}):
         with pytest.raises(ConfigError):
-            from_dict(RunConfig, {"eval": bad})
+            parse_config({"eval": bad})

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tsdae.config import TrainConfig
 import torch
 
-from tsdae.train import lr_factor, rank_batches, step_seed, use_bf16
-from tsdae.trainer import steps_per_epoch
-from tsdae.config import ScaleConfig
+from tsdae.device import use_bf16
+from tsdae.train import ScaleConfig, TrainConfig, steps_per_epoch
+from tsdae.train.loop import rank_batches
+from tsdae.train.step import lr_factor, step_seed
 
 
 def test_schedules():

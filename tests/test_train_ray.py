@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import CorruptConfig, ReadConfig
-from tsdae.config import ModelConfig, ScaleConfig, TrainConfig
+from pipeline import CorruptConfig, ReadConfig
+from tsdae.model import ModelConfig
+from tsdae.train import ScaleConfig, TrainConfig
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_two_workers_train_identical_replicas(ray_local, tiny_bert_dir, small_co
     from transformers import AutoModel
 
     from pipeline import build_train_dataset
-    from tsdae.trainer import build_trainer
+    from tsdae.train import build_trainer
 
     dataset = build_train_dataset(
         ReadConfig(uri=small_corpus), CorruptConfig(max_length=32), tiny_bert_dir,

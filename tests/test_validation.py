@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tsdae.config import EvalConfig, ModelConfig
-from tsdae.validation import (VAL_METRIC, best_checkpoint, build_validation_config, checkpoint_encoder,
-                              export_best_encoder, load_validation_history, validate_checkpoint)
+from tsdae.eval import EvalConfig
+from tsdae.model import ModelConfig
+from tsdae.train import checkpoint
+from tsdae.train.validation import (VAL_METRIC, best_checkpoint, build_validation_config, load_validation_history,
+                                    validate_checkpoint)
 
 STS_DIR = Path(__file__).resolve().parents[1] / "data" / "sts"
 SENTENCES = ["a short one", "The quick brown fox jumps over the lazy dog.", "hello there"]
@@ -38,14 +40,16 @@ def _trained_state(tiny_bert_dir: str, scale: float):
 
 
 def _write_checkpoint(path: Path, model, step: int) -> Path:
+    """state.pt and complete.json only (no encoder/ folder): the encoder must come from state.pt."""
     path.mkdir(parents=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path / "state.pt")
+    (path / "complete.json").write_text(json.dumps({"step": step}))
     return path
 
 
 def _embed(model_or_dir, tokenizer=None) -> np.ndarray:
-    from tsdae.encode import SentenceEncoder
+    from tsdae.eval import SentenceEncoder
 
     if isinstance(model_or_dir, str):
         return SentenceEncoder(model_or_dir, "auto").encode(SENTENCES)
@@ -55,18 +59,21 @@ def _embed(model_or_dir, tokenizer=None) -> np.ndarray:
 def test_checkpoint_encoder_from_state_and_from_encoder_folder(tiny_bert_dir, tmp_path):
     import ray.train
 
-    from tsdae.export import export_encoder
+    from tsdae.model import export_encoder
 
     model, tokenizer = _trained_state(tiny_bert_dir, 1.5)
     ckpt = _write_checkpoint(tmp_path / "run" / "checkpoint_1", model, step=5)
-    loaded, _ = checkpoint_encoder(ray.train.Checkpoint.from_directory(str(ckpt)), base_model=tiny_bert_dir)
+    loaded, _ = checkpoint.load_encoder(ray.train.Checkpoint.from_directory(str(ckpt)), base_model=tiny_bert_dir)
     np.testing.assert_allclose(_embed(loaded, tokenizer), _embed(model.encoder, tokenizer), atol=1e-6)
 
     with pytest.raises(FileNotFoundError, match="base_model"):
-        checkpoint_encoder(ray.train.Checkpoint.from_directory(str(ckpt)))
+        checkpoint.load_encoder(ray.train.Checkpoint.from_directory(str(ckpt)))
+    (ckpt / "complete.json").unlink()  # a checkpoint cut off while being written is never loaded
+    with pytest.raises(RuntimeError, match="incomplete"):
+        checkpoint.load_encoder(ray.train.Checkpoint.from_directory(str(ckpt)), base_model=tiny_bert_dir)
     other, _ = _trained_state(tiny_bert_dir, 0.5)
     export_encoder(other, tokenizer, ckpt / "encoder", max_seq_length=128)  # encoder/ wins over state.pt
-    loaded, _ = checkpoint_encoder(ray.train.Checkpoint.from_directory(str(ckpt)), base_model=tiny_bert_dir)
+    loaded, _ = checkpoint.load_encoder(ray.train.Checkpoint.from_directory(str(ckpt)), base_model=tiny_bert_dir)
     np.testing.assert_allclose(_embed(loaded, tokenizer), _embed(other.encoder, tokenizer), atol=1e-6)
 
 
@@ -95,7 +102,7 @@ def test_validate_checkpoint_records_history_and_exports_best(tiny_bert_dir, tmp
                                              for r in records] + [(None, {"step": 30})])
     best, metrics = best_checkpoint(fake)
     assert metrics[VAL_METRIC] == max(r[VAL_METRIC] for r in records)
-    out = export_best_encoder(best, tmp_path / "best", ModelConfig(name_or_path=tiny_bert_dir), max_length=128)
+    out = checkpoint.export_model(best, tmp_path / "best", ModelConfig(name_or_path=tiny_bert_dir), max_length=128)["encoder"]
     assert json.loads((out / "tsdae.json").read_text())["pooling"] == "cls"
     model, tokenizer = _trained_state(tiny_bert_dir, 1.5 if metrics["val_step"] == 20 else 0.7)
     np.testing.assert_allclose(_embed(str(out)), _embed(model.encoder, tokenizer), atol=1e-5)
@@ -108,7 +115,7 @@ def test_validation_config_carries_eval_resources():
     assert vc.fn is validate_checkpoint
     assert vc.ray_remote_kwargs == {"num_cpus": 2, "num_gpus": 0.5}
     assert vc.task_config.timeout_s == 600
-    assert vc.task_config.fn_kwargs["task"] == "STSB-dev" and vc.task_config.fn_kwargs["num_threads"] == 2
+    assert vc.task_config.fn_kwargs["task"] == "STSB-dev" and vc.task_config.fn_kwargs["num_cpus"] == 2
     json.dumps(vc.task_config.fn_kwargs)  # Ray requires JSON-serialisable fn_kwargs
 
 
@@ -122,13 +129,13 @@ def test_ray_train_validation_hook_keeps_best_checkpoint(ray_local, tiny_bert_di
     sts_dir = _small_dev(tmp_path / "sts", 60)
 
     def loop(config):
+        import json
         import tempfile
 
         import ray.train
         import torch
 
-        from tsdae.config import ModelConfig
-        from tsdae.model import build_tsdae
+        from tsdae.model import ModelConfig, build_tsdae
 
         model, _ = build_tsdae(ModelConfig(name_or_path=config["base"]))
         for step, scale in ((1, 1.3), (2, 0.6), (3, 1.1)):
@@ -136,6 +143,8 @@ def test_ray_train_validation_hook_keeps_best_checkpoint(ray_local, tiny_bert_di
                 model.encoder.embeddings.word_embeddings.weight.mul_(scale)
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": {}, "step": step}, f"{tmp}/state.pt")
+                with open(f"{tmp}/complete.json", "w") as f:
+                    json.dump({"step": step}, f)
                 ray.train.report({"step": step, "loss": 1.0 / step},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  validation=ray.train.ValidationTaskConfig(fn_kwargs={"step": step}))

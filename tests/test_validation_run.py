@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tsdae.config import EvalConfig, ModelConfig
-from tsdae.validation import VAL_METRIC
+from tsdae.eval import EvalConfig
+from tsdae.model import ModelConfig
+from tsdae.train import VAL_METRIC
 
 ROOT = Path(__file__).resolve().parents[1]
 STS_DIR = ROOT / "data" / "sts"
@@ -42,12 +43,15 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
 
 
-def _train_checkpoint(path: Path, tiny_bert_dir: str, step: int, scale: float):
-    """A checkpoint in the train loop's own format (tsdae.train.save_checkpoint), encoder scaled by scale."""
+SUMMARY = {"steps": 6, "replicas_identical": True, "rows_trained_per_rank": [24, 24]}
+
+
+def _train_checkpoint(path: Path, tiny_bert_dir: str, step: int, scale: float, records: dict | None = None):
+    """A checkpoint in the train loop's own format (tsdae.train.checkpoint), encoder scaled by scale."""
     import ray.train
 
     from tsdae.model import build_tsdae
-    from tsdae.train import save_checkpoint
+    from tsdae.train import checkpoint
 
     model, tokenizer = build_tsdae(ModelConfig(name_or_path=tiny_bert_dir))
     with torch.no_grad():
@@ -55,84 +59,88 @@ def _train_checkpoint(path: Path, tiny_bert_dir: str, step: int, scale: float):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     path.mkdir(parents=True)
-    save_checkpoint(path, model, tokenizer, optimizer, scheduler, step, 32, {"global_batches": step, "rows": 8 * step})
+    checkpoint.save_checkpoint(path, model, tokenizer, optimizer, scheduler, step, 32,
+                               {"global_batches": step, "rows": 8 * step}, records)
     return ray.train.Checkpoint.from_directory(str(path)), model, tokenizer
 
 
 def test_best_dev_checkpoint_is_the_exported_model_and_the_final_one_is_kept(tiny_bert_dir, tmp_path):
-    from jobs.config import RunConfig
-    from jobs.stages import export_selected, select_model
-    from tsdae.export import export_decoder
+    from jobs.config import parse_config
+    from jobs.stages import export_stage
+    from tsdae.model import export_decoder
+    from tsdae.train import select_checkpoint
 
     run = tmp_path / "ray" / "run"
     best, best_model, tokenizer = _train_checkpoint(run / "checkpoint_4", tiny_bert_dir, 4, 1.3)
-    final, final_model, _ = _train_checkpoint(run / "checkpoint_6", tiny_bert_dir, 6, 0.6)
-    export_decoder(final_model, tokenizer, run / "checkpoint_6" / "decoder")
+    records = {"metrics.jsonl": json.dumps({"step": 6, "loss": 1.0}) + "\n", "summary.json": json.dumps(SUMMARY)}
+    final, final_model, _ = _train_checkpoint(run / "checkpoint_6", tiny_bert_dir, 6, 0.6, records)
     metrics = {4: {"step": 4, VAL_METRIC: 30.0}, 6: {"step": 6, "final": True, VAL_METRIC: 20.0}}
     result = SimpleNamespace(checkpoint=final, metrics=metrics[6],
                              best_checkpoints=[(final, metrics[6]), (best, metrics[4])])
 
-    selected = select_model(result, validate=True)
-    assert (selected["source"], selected["step"], selected["score"]) == ("best_dev", 4, 30.0)
-    assert (selected["final_step"], selected["final_score"]) == (6, 20.0)
-    assert selected["checkpoint"] is best and selected["final_checkpoint"] is final
+    selected = select_checkpoint(result, validate=True)
+    assert (selected.source, selected.step, selected.score) == ("best_dev", 4, 30.0)
+    assert (selected.final_step, selected.final_score) == (6, 20.0)
+    assert selected.checkpoint is best and selected.final_checkpoint is final
 
-    # export_stage's result (the final checkpoint's encoder and decoder), then the best one replaces it.
+    # One export of the selected checkpoint: its encoder and decoder; the final encoder beside them.
     out = tmp_path / "out"
-    for item in ("encoder", "decoder"):
-        shutil.copytree(run / "checkpoint_6" / item, out / item)
-    cfg = RunConfig(model=ModelConfig(name_or_path=tiny_bert_dir))
-    assert export_selected(selected, out, cfg) == out / "final_encoder"
+    out.mkdir()
+    cfg = parse_config({"model": {"name_or_path": tiny_bert_dir}})
+    assert export_stage(result, selected, out, cfg) == SUMMARY
     _assert_same_weights(out / "encoder", run / "checkpoint_4" / "encoder")
     _assert_same_weights(out / "final_encoder", run / "checkpoint_6" / "encoder")
     export_decoder(best_model, tokenizer, tmp_path / "best-decoder")
     _assert_same_weights(out / "decoder", tmp_path / "best-decoder")
     assert json.loads((out / "encoder" / "tsdae.json").read_text())["pooling"] == "cls"
+    assert json.loads((out / "summary.json").read_text()) == SUMMARY and (out / "metrics.jsonl").read_text()
 
     # A tie, no validation, or no validated checkpoint: the final checkpoint is the model.
     tie = SimpleNamespace(checkpoint=final, metrics={**metrics[6], VAL_METRIC: 30.0},
                           best_checkpoints=[(best, metrics[4]), (final, {**metrics[6], VAL_METRIC: 30.0})])
-    assert select_model(tie, validate=True)["source"] == "final"
-    assert select_model(result, validate=False)["source"] == "final"
+    assert select_checkpoint(tie, validate=True).source == "final"
+    assert select_checkpoint(result, validate=False).source == "final"
     unscored = SimpleNamespace(checkpoint=final, metrics={"step": 6}, best_checkpoints=[(final, {"step": 6})])
-    assert select_model(unscored, validate=True) == {
-        "source": "final", "checkpoint": final, "step": 6, "score": None,
-        "final_checkpoint": final, "final_step": 6, "final_score": None}
-    assert export_selected(select_model(result, validate=False), out, cfg) is None
+    chosen = select_checkpoint(unscored, validate=True)
+    assert (chosen.source, chosen.checkpoint, chosen.step, chosen.score) == ("final", final, 6, None)
+    export_stage(result, select_checkpoint(result, validate=False), out, cfg)
     assert not (out / "final_encoder").exists()  # a stale one from an earlier export of the run is removed
+    _assert_same_weights(out / "encoder", run / "checkpoint_6" / "encoder")
+    export_decoder(final_model, tokenizer, tmp_path / "final-decoder")
+    _assert_same_weights(out / "decoder", tmp_path / "final-decoder")
 
 
 def test_evaluate_stage_uses_ray_data_actors_when_asked(monkeypatch):
-    import tsdae.distributed_eval
+    import tsdae.eval.run
     from jobs import stages
 
     calls = []
 
-    def fake(model_ref, pooling, cfg, *, subdir=None, base_model=None):
-        calls.append((model_ref, pooling, cfg.actors, subdir))
+    def fake(model_ref, pooling, cfg):
+        calls.append((model_ref, pooling, cfg.actors))
         if model_ref == "broken":
             raise RuntimeError("distributed encoding lost 1 and duplicated 0 of 10 sentences")
         return {"tasks": {"STSB-dev": {"all": 50.0, "wmean": 49.0}}, "avg7_all": None, "actors": cfg.actors}
 
-    monkeypatch.setattr(tsdae.distributed_eval, "evaluate_distributed", fake)
-    result = stages.evaluate_stage("x", "some/model", "auto", EvalConfig(actors=3), subdir="encoder")
-    assert result["actors"] == 3 and calls == [("some/model", "auto", 3, "encoder")]
+    monkeypatch.setattr(tsdae.eval.run, "evaluate_distributed", fake)
+    result = stages.evaluate_stage("x", "some/model", "auto", EvalConfig(actors=3))
+    assert result["actors"] == 3 and calls == [("some/model", "auto", 3)]
     with pytest.raises(stages.StageError, match="lost 1") as err:
         stages.evaluate_stage("x", "broken", "cls", EvalConfig(actors=1))
     assert err.value.exit_code == stages.EXIT_EVAL
 
 
 def test_validation_can_be_switched_off():
-    from tsdae.trainer import validation_enabled
-    from tsdae.validation import build_validation_config
+    from tsdae.train import validates
+    from tsdae.train.validation import build_validation_config
 
-    assert validation_enabled(EvalConfig()) and not validation_enabled(None)
-    assert not validation_enabled(EvalConfig(validation_task=None))
+    assert validates(EvalConfig()) and not validates(None)
+    assert not validates(EvalConfig(validation_task=None))
     with pytest.raises(ValueError, match="validation is off"):
         build_validation_config(EvalConfig(validation_task=None), base_model="m", pooling="cls")
     vc = build_validation_config(EvalConfig(num_cpus=2, validation_num_cpus=1, validation_num_gpus=0),
                                  base_model="m", pooling="cls")
-    assert vc.ray_remote_kwargs == {"num_cpus": 1, "num_gpus": 0} and vc.task_config.fn_kwargs["num_threads"] == 1
+    assert vc.ray_remote_kwargs == {"num_cpus": 1, "num_gpus": 0} and vc.task_config.fn_kwargs["num_cpus"] == 1
 
 
 @pytest.mark.ray
@@ -142,13 +150,13 @@ def test_run_validates_checkpoints_exports_the_best_and_compares_with_production
     Ray Train's validation hook; the run's model is the best of them; the report compares base, trained
     and production (the packaged all-MiniLM-L6-v2), lists the dev scores and charts them."""
     from jobs import stages
-    from jobs.config import RunConfig, from_dict
-    from tsdae.validation import load_validation_history
+    from jobs.config import parse_config
+    from tsdae.train import load_validation_history
 
     ray_local.data.DataContext.get_current().enable_progress_bars = False
     texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:64]
     pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
-    cfg = from_dict(RunConfig, {
+    cfg = parse_config({
         "name": "valrun", "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "runs"),
         "read": {"uri": str(tmp_path / "corpus.parquet")},
         "corrupt": {"max_length": 32},

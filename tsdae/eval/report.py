@@ -1,5 +1,5 @@
 """The run report: STS results of the base model, the trained model and (optionally) the model in
-production, with deltas, as versioned JSON and Markdown tables; charts are ``tsdae.charts``.
+production, with deltas, as versioned JSON and Markdown tables; charts are ``tsdae.eval.charts``.
 
 ``build_report`` and ``render_markdown`` are pure; ``write_report`` is the only function that touches
 files, and it writes each file atomically (temp file + os.replace), so a crash never leaves a
@@ -9,11 +9,10 @@ half-written report behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from tsdae.config import STS_TASKS
+from tsdae.eval.config import STS_TASKS
+from tsdae.storage import write_atomic
 
 SCHEMA_VERSION = 2
 KNOWN_SCHEMAS = (1, 2)  # version 1 had no "production", "delta_production" or "validation"
@@ -46,7 +45,7 @@ def build_report(before: dict, after: dict | None, meta: dict, production: dict 
 
     before: the base model; after: the trained model (None for evaluation-only runs); production: the
     previously promoted model (optional); validation: the periodic dev scores of the run
-    (``tsdae.validation.load_validation_history``), optional.
+    (``tsdae.train.validation.load_validation_history``), optional.
 
     Returns {"schema_version": 2, "aggregations", "meta", "before", "after", "production", "delta",
     "delta_production", "validation"}: delta = after − before (None without after); delta_production =
@@ -170,21 +169,6 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write text (UTF-8) or bytes to path through a temp file in the same folder and os.replace
-    (atomic on POSIX)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: dict, out_dir: str) -> dict[str, str]:

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertLMHeadModel
 
-from tsdae.dropout import dropout_multiplier
-from tsdae.fast_encoder import bert_embeddings, packed_self_attention
-from tsdae.linear import bucket_rows, layer_on_onednn, linear_of
+from tsdae.model.fast.dropout import dropout_multiplier
+from tsdae.model.fast.encoder import bert_embeddings, packed_self_attention
+from tsdae.model.fast.linear import bucket_rows, layer_on_onednn, linear_of
 
 
 def supports_fast_decoder(decoder: nn.Module) -> bool:
@@ -126,7 +126,7 @@ def decoder_hidden_states(
 
     attention_mask_BT: None (causal only; right padding is invisible to real tokens) or 1 for real
     tokens, 0 for padding. single_key_cross_attention=False runs the full query/key/softmax path
-    (through the Hugging Face module), for comparison. sparse_grad: see tsdae.fast_encoder.bert_embeddings.
+    (through the Hugging Face module), for comparison. sparse_grad: see tsdae.model.fast.encoder.bert_embeddings.
     """
     bert = decoder.base_model
     x_BTH = bert_embeddings(bert.embeddings, input_ids_BT, sparse_grad)
@@ -182,7 +182,7 @@ def label_logits(decoder: nn.Module, hidden_NH: torch.Tensor, weight_VH: torch.T
 
 def bucket_label_rows(decoder: nn.Module, hidden_NH: torch.Tensor, labels_N: torch.Tensor, ignore_index: int = -100
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden_NH and labels_N padded to tsdae.linear's row bucket when the LM head runs on oneDNN.
+    """hidden_NH and labels_N padded to tsdae.model.fast.linear's row bucket when the LM head runs on oneDNN.
 
     Padding rows are zero states with label ignore_index: the loss and every gradient are unchanged, and
     the N×vocab logits and their gradient already have the bucketed row count, so the head's oneDNN

@@ -21,9 +21,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 
-from tsdae.config import STS_TASKS, CustomStsConfig, EvalConfig
+from tsdae.eval.config import STS_TASKS, CustomStsConfig, EvalConfig
 
 MAX_BAD_ROW_EXAMPLES = 20
 
@@ -129,20 +132,34 @@ def load_sick(path: Path, name: str) -> StsSubset:
     return StsSubset(name, s1, s2, np.asarray(scores, dtype=np.float64))
 
 
+def task_path(sts_dir: str, task: str) -> Path:
+    """The folder (STS12–16) or file (STS-B, SICK-R) a task of STS_TASKS is read from."""
+    root = Path(sts_dir)
+    if task in _YEAR_FOLDERS:
+        return root / _YEAR_FOLDERS[task]
+    if task in _STSB_FILES:
+        return root / "STSBenchmark" / _STSB_FILES[task]
+    if task == "SICK-R":
+        return root.joinpath(*_SICK_FILE)
+    raise ValueError(f"unknown STS task {task!r}; known: {list(STS_TASKS)}")
+
+
+def missing_tasks(sts_dir: str, tasks: list[str]) -> list[str]:
+    """The tasks whose data is not under sts_dir (checked before a job starts anything)."""
+    return [task for task in tasks if not task_path(sts_dir, task).exists()]
+
+
 def load_task(sts_dir: str, task: str) -> list[StsSubset]:
     """The subsets of one task of STS_TASKS: STS12–16 give one subset per input file (sorted by name),
     STSB-test, STSB-dev and SICK-R one subset each (named after the task)."""
-    root = Path(sts_dir)
+    path = task_path(sts_dir, task)
     if task in _YEAR_FOLDERS:
-        folder = root / _YEAR_FOLDERS[task]
-        if not folder.is_dir():
-            raise FileNotFoundError(f"STS folder not found for {task}: {folder}")
-        return [load_year_subset(folder, subset) for subset in _subset_names(folder)]
+        if not path.is_dir():
+            raise FileNotFoundError(f"STS folder not found for {task}: {path}")
+        return [load_year_subset(path, subset) for subset in _subset_names(path)]
     if task in _STSB_FILES:
-        return [load_stsb(root / "STSBenchmark" / _STSB_FILES[task], task)]
-    if task == "SICK-R":
-        return [load_sick(root.joinpath(*_SICK_FILE), task)]
-    raise ValueError(f"unknown STS task {task!r}; known: {list(STS_TASKS)}")
+        return [load_stsb(path, task)]
+    return [load_sick(path, task)]
 
 
 def load_tasks(sts_dir: str, tasks: list[str]) -> dict[str, list[StsSubset]]:
@@ -163,20 +180,14 @@ def _custom_format(cfg: CustomStsConfig) -> str:
 
 def _read_columns(cfg: CustomStsConfig) -> dict[str, list]:
     """The three configured columns as Python lists (CSV/TSV cells as strings, "" for an empty cell)."""
-    import fsspec
-
     columns = [cfg.sentence1_column, cfg.sentence2_column, cfg.score_column]
     fmt = _custom_format(cfg)
     with fsspec.open(cfg.uri, "rb") as f:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
-
             table = pq.read_table(f)
             available = table.column_names
             data = {c: table.column(c).to_pylist() for c in columns if c in available}
         else:
-            import pandas as pd
-
             # Every cell a string and no NA guessing, so that we, not pandas, decide what is bad. TSV has
             # no quoting (STS files put bare `"` inside sentences); CSV follows RFC 4180.
             frame = pd.read_csv(f, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,

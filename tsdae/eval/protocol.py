@@ -7,7 +7,7 @@ by several points:
   wmean — the subsets' Spearman correlations averaged with weights = their pair counts.
 The 7-task average (AVERAGE_TASKS) uses each task's ``all`` (and, separately, ``wmean``).
 
-Pure computation only: no logging, no files. ``tsdae.encode`` wires a model in, ``tsdae.report`` writes.
+Pure computation only: no logging, no files. ``tsdae.eval.encode`` wires a model in, ``tsdae.eval.report`` writes.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 from scipy.stats import spearmanr
 
-from tsdae.config import AVERAGE_TASKS
-from tsdae.sts import StsSubset
+from tsdae.eval.config import AVERAGE_TASKS
+from tsdae.eval.sts import StsSubset
 
 EncodeFn = Callable[[list[str]], np.ndarray]
 
@@ -82,7 +82,7 @@ def evaluate_sts(encode: EncodeFn, subsets_by_task: dict[str, list[StsSubset]]) 
 
     encode: list of N sentences → (N, H) array; called exactly once, with every distinct sentence of
     every task once (STS12–16, STS-B and SICK share ~25% of their sentences).
-    subsets_by_task: task name → its subsets (``tsdae.sts.load_task``).
+    subsets_by_task: task name → its subsets (``tsdae.eval.sts.load_task``).
 
     Returns a JSON-serialisable dict:
       {"tasks": {task: {"all", "wmean", "n_pairs", "subsets": {name: {"spearman", "n_pairs"}}}},

@@ -1,6 +1,6 @@
 """PNG charts of a run: STS per task (base / trained / production), the training loss, and the dev score
 over steps. Matplotlib's object API on the Agg canvas: no pyplot, no global figure state, safe in Ray
-workers and headless jobs. Each file is written atomically (``tsdae.report.write_atomic``).
+workers and headless jobs. Each file is written atomically (``tsdae.storage.write_atomic``).
 """
 
 from __future__ import annotations
@@ -8,15 +8,17 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from tsdae.report import DEFAULT_LABELS, ordered_tasks, write_atomic
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tsdae.eval.report import DEFAULT_LABELS, ordered_tasks
+from tsdae.storage import write_atomic
 
 _COLORS = {"before": "#9aa5b1", "after": "#1f77b4", "production": "#ff7f0e"}
 
 
 def _figure(width: float = 8.0, height: float = 4.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -32,8 +34,6 @@ def _save(fig, path: Path) -> str:
 def plot_task_bars(report: dict, path: str | Path, key: str = "all") -> str:
     """Grouped bars, one group per task plus the 7-task average: Spearman ×100 (aggregation key) of each
     result in the report, the trained model's delta written above its bar."""
-    import numpy as np
-
     labels = {**DEFAULT_LABELS, **(report["meta"].get("labels") or {})}
     sides = [k for k in ("before", "after", "production") if report.get(k) is not None]
     tasks = ordered_tasks(report)
@@ -90,7 +90,7 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> str:
 
 
 def plot_dev_curve(records: list[dict], path: str | Path, base_score: float | None = None) -> str:
-    """Dev Spearman ×100 over steps (``tsdae.validation.load_validation_history`` records), the base
+    """Dev Spearman ×100 over steps (``tsdae.train.validation.load_validation_history`` records), the base
     model's score as a dashed line, the best checkpoint marked."""
     rows = [r for r in records if r.get("val_spearman") is not None and r.get("val_step") is not None]
     task = records[0].get("val_task", "dev") if records else "dev"

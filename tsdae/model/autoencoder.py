@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from tsdae.config import ModelConfig
-from tsdae.dropout import use_fast_dropout
-from tsdae.fast_encoder import encoder_hidden_states, supports_fast_encoder
-from tsdae.fast_decoder import (
+from tsdae.model.config import ModelConfig
+from tsdae.model.fast.dropout import use_fast_dropout
+from tsdae.model.fast.encoder import encoder_hidden_states, supports_fast_encoder
+from tsdae.model.fast.decoder import (
     bucket_label_rows,
     cross_attention_projections,
     decoder_hidden_states,
@@ -22,9 +22,9 @@ from tsdae.fast_decoder import (
     label_logits,
     supports_fast_decoder,
 )
-from tsdae.linear import use_fast_linear
-from tsdae.paths import resolve_model_path
-from tsdae.pooling import pool
+from tsdae.model.fast.linear import use_fast_linear
+from tsdae.model.paths import resolve_model_path
+from tsdae.model.pooling import pool
 
 
 class ModelError(ValueError):
@@ -49,7 +49,7 @@ def tsdae_loss(
     ignored. No decoder attention mask by default: with right padding and causal self-attention a real
     token never sees a pad, so the loss is identical with or without one (tested), and skipping the mask
     keeps attention on its fused causal path. Returns the mean cross-entropy over non-pad labels.
-    fast: for a BERT decoder, run tsdae.fast_decoder (same loss within float rounding, tested): no
+    fast: for a BERT decoder, run tsdae.model.fast.decoder (same loss within float rounding, tested): no
     per-token cross-attention query/key work, and the LM head only at non-pad labels. Other decoders,
     and fast=False, take the plain Hugging Face call (the reference's computation).
     output_weight: the fast path's vocabulary matrix, if not the decoder's own (TSDAE.forward passes it
@@ -81,11 +81,11 @@ class _GradientLast(torch.autograd.Function):
 
     Autograd runs the ready backward nodes latest-created first, so applied to the tied vocabulary matrix
     at the start of the forward, the LM head's dense gradient reaches the matrix after the two sparse
-    word-embedding lookups' (tsdae.fast_encoder). Autograd adds a sparse gradient to a dense one out of
+    word-embedding lookups' (tsdae.model.fast.encoder). Autograd adds a sparse gradient to a dense one out of
     place, copying the 47 MB matrix: in the natural order (dense first) that happens twice per step; in
     this order the two sparse gradients are summed sparsely first and only the last addition can copy
     (profiled: copy + add 21 → 7 ms per step; +1.9% sentences/s). That last one is in place too when the
-    head's gradient is a fresh tensor, as tsdae.linear's oneDNN path returns it (F.linear's is a view, so
+    head's gradient is a fresh tensor, as tsdae.model.fast.linear's oneDNN path returns it (F.linear's is a view, so
     autograd copies). The sum is the same.
     """
 
@@ -107,7 +107,7 @@ class TSDAE(nn.Module):
     """Encoder + pooling + decoder in one module, so one DDP wrapper synchronises all of their gradients.
 
     forward(noisy_input_ids_BS, noisy_attention_mask_BS, target_ids_BT) -> scalar loss.
-    fast: train through tsdae.fast_encoder / tsdae.fast_decoder where the model is BERT (same loss within
+    fast: train through tsdae.model.fast.encoder / tsdae.model.fast.decoder where the model is BERT (same loss within
     float rounding, tested); False: the plain Hugging Face calls (the reference's computation).
     """
 
@@ -231,6 +231,6 @@ def build_tsdae(cfg: ModelConfig) -> tuple[TSDAE, "AutoTokenizer"]:
         for param in cross_attention_projections(decoder):
             param.requires_grad_(False)
     model = TSDAE(encoder, decoder, cfg.pooling, tokenizer.pad_token_id)
-    use_fast_dropout(model)  # cheaper CPU masks, same p (tsdae.dropout); nn.Dropout elsewhere
-    use_fast_linear(model)  # fp32 CPU products on oneDNN (tsdae.linear); nn.Linear elsewhere
+    use_fast_dropout(model)  # cheaper CPU masks, same p (tsdae.model.fast.dropout); nn.Dropout elsewhere
+    use_fast_linear(model)  # fp32 CPU products on oneDNN (tsdae.model.fast.linear); nn.Linear elsewhere
     return model, tokenizer

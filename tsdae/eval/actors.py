@@ -13,13 +13,19 @@ times it); it pays off with one actor per GPU, or per CPU node of a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
+import pyarrow as pa
+import ray
 
-from tsdae.config import EvalConfig
-from tsdae.evaluation import evaluate_sts
-from tsdae.sts import load_suite
+from tsdae.device import compute_device
+from tsdae.eval.config import EvalConfig
+from tsdae.eval.encode import SentenceEncoder, with_run_info
+from tsdae.eval.protocol import evaluate_sts
+from tsdae.eval.sts import load_suite
+from tsdae.model import local_model_dir, model_pooling, resolve_model_path
 
 ROWS_PER_BLOCK_BATCHES = 8  # a block is 8 actor batches: small enough to balance, big enough to amortise
 
@@ -28,33 +34,15 @@ class EncoderActor:
     """A Ray Data model actor: loads the encoder once, then maps {"idx", "text"} batches to
     {"idx", "embedding"} (embedding: (B, H) float32).
 
-    model_ref: ``package:<module>``, a local path or fsspec URI (copied locally by each actor), or a
-    ``ray.train.Checkpoint`` whose ``subdir`` holds the encoder (``tsdae.validation.checkpoint_encoder``).
+    model_ref: ``package:<module>``, a local path or an fsspec URI (copied locally by each actor).
     """
 
-    def __init__(self, model_ref, pooling: str, max_length: int, batch_size: int, precision: str,
-                 num_threads: int, subdir: str | None = None, base_model: str | None = None):
-        import contextlib
-
-        import torch
-
-        from tsdae.encode import SentenceEncoder
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, num_threads))
+    def __init__(self, model_ref: str, pooling: str, max_length: int, batch_size: int, precision: str,
+                 num_cpus: float, num_gpus: float):
+        device = compute_device(num_gpus, num_cpus)
         self._stack = contextlib.ExitStack()
-        if isinstance(model_ref, str):
-            from tsdae.encode import local_model_dir
-
-            model_dir = self._stack.enter_context(local_model_dir(model_ref))
-            self.encoder = SentenceEncoder(model_dir, pooling, max_length, batch_size, device, precision)
-        else:
-            from tsdae.validation import checkpoint_encoder
-
-            model, tokenizer = checkpoint_encoder(model_ref, base_model=base_model, subdir=subdir)
-            self.encoder = SentenceEncoder.from_module(model.to(device), tokenizer, pooling, max_length,
-                                                       batch_size, precision)
+        model_dir = self._stack.enter_context(local_model_dir(model_ref))
+        self.encoder = SentenceEncoder(model_dir, pooling, max_length, batch_size, str(device), precision)
         self.pooling = self.encoder.pooling
 
     def __call__(self, batch: dict) -> dict:
@@ -62,38 +50,31 @@ class EncoderActor:
         return {"idx": np.asarray(batch["idx"], dtype=np.int64), "embedding": emb_BH}
 
 
-def length_sorted_blocks(sentences: list[str], rows_per_block: int) -> list:
+def length_sorted_blocks(sentences: list[str], rows_per_block: int) -> list[pa.Table]:
     """pyarrow tables {"idx": int64, "text": string}: the sentences longest first (character length, a
     cheap proxy for tokens on the driver), cut into contiguous blocks of at most rows_per_block rows."""
-    import pyarrow as pa
-
     lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
     order = np.argsort(-lengths, kind="stable")
     return [pa.table({"idx": order[i:i + rows_per_block], "text": [sentences[j] for j in order[i:i + rows_per_block]]})
             for i in range(0, len(order), rows_per_block)]
 
 
-def encode_with_actors(sentences: list[str], model_ref, pooling: str, cfg: EvalConfig, *,
-                       subdir: str | None = None, base_model: str | None = None) -> np.ndarray:
+def encode_with_actors(sentences: list[str], model_ref: str, pooling: str, cfg: EvalConfig) -> np.ndarray:
     """Embed sentences with max(1, cfg.actors) Ray Data actors of cfg.num_cpus / cfg.num_gpus each;
     returns emb_NH float32, row i for sentences[i]. Raises RuntimeError if any row is missing or
     duplicated. Needs a connected Ray cluster (``ray.init``)."""
-    import ray
-
     if not sentences:
         raise ValueError("no sentences to encode")
     blocks = length_sorted_blocks(sentences, cfg.batch_size * ROWS_PER_BLOCK_BATCHES)
-    actors = max(1, cfg.actors)
     encoded = ray.data.from_arrow(blocks).map_batches(
         EncoderActor,
         fn_constructor_kwargs={
-            "model_ref": model_ref, "pooling": pooling, "max_length": cfg.max_length,
-            "batch_size": cfg.batch_size, "precision": cfg.precision, "num_threads": int(cfg.num_cpus),
-            "subdir": subdir, "base_model": base_model,
+            "model_ref": model_ref, "pooling": pooling, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+            "precision": cfg.precision, "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.actors)),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
     )
@@ -110,29 +91,18 @@ def encode_with_actors(sentences: list[str], model_ref, pooling: str, cfg: EvalC
     return out_NH
 
 
-def evaluate_distributed(model_ref, pooling: str, cfg: EvalConfig, *, subdir: str | None = None,
-                         base_model: str | None = None) -> dict:
-    """``tsdae.encode.evaluate_model_dir`` with the encoding spread over Ray Data model actors.
-
-    pooling must be explicit ("cls", "mean", "max"), or "auto" for a str model_ref (resolved here from
-    the model's files). Returns the same dict, plus "actors".
-    """
-    from tsdae.encode import resolve_pooling, with_run_info
-
+def evaluate_distributed(model_ref: str, pooling: str, cfg: EvalConfig) -> dict:
+    """``tsdae.eval.encode.evaluate_model_dir`` with the encoding spread over Ray Data model actors.
+    pooling may be "auto" (read here from the model's files). Returns the same dict, plus "actors"."""
     t0 = time.perf_counter()
-    if pooling == "auto":
-        if not isinstance(model_ref, str):
-            raise ValueError("pooling 'auto' needs a model path or URI; pass the trained pooling for a checkpoint")
-        from tsdae.paths import resolve_model_path
-
-        pooling = resolve_pooling(resolve_model_path(model_ref), "auto")
+    pooling = model_pooling(resolve_model_path(model_ref), pooling)
     subsets_by_task, bad_rows = load_suite(cfg)
     encode_s = 0.0
 
     def encode(sentences: list[str]) -> np.ndarray:
         nonlocal encode_s
         t = time.perf_counter()
-        emb = encode_with_actors(sentences, model_ref, pooling, cfg, subdir=subdir, base_model=base_model)
+        emb = encode_with_actors(sentences, model_ref, pooling, cfg)
         encode_s += time.perf_counter() - t
         return emb
 

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from tsdae import linear
+from tsdae.model.fast import fast_linear, onednn_available
 
 
 @dataclass(frozen=True)
@@ -68,36 +69,47 @@ def training_flops(shape: Shape, noisy_lengths, target_lengths, *, single_key: b
                    for s, t in zip(noisy_lengths, target_lengths))
 
 
-def matmul_peak_by_library(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-                           repeats: int = 3) -> dict[str, float]:
-    """Best FLOP/s of an n×n×n matmul over `repeats` timed products (after one warm-up), per library.
+def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """The distinct (in_features, out_features) of a model's linear layers."""
+    return sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
 
-    "torch.mm" always; "onednn" too on CPU in fp32 where tsdae.linear can use it. On AMD CPUs torch.mm's
-    MKL runs AVX2 kernels: on the benchmark machine (Zen 5) it measures ~205 GFLOP/s where oneDNN
-    measures ~450, so a peak from torch.mm alone would overstate MFU about twofold.
+
+def matmul_peak_by_library(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+                           repeats: int = 3, layers: list[tuple[int, int]] = (), rows: int = 512) -> dict[str, float]:
+    """Best FLOP/s per library over `repeats` timed products (after one warm-up) on the kernels our linear
+    layers run: "F.linear" (what nn.Linear calls; in bf16, what a layer runs under bf16 autocast) and, on
+    CPU in fp32 where tsdae.model.fast.linear uses it, "onednn". The products: one n×n×n, and for each
+    (in, out) of layers (``linear_shapes(model)``) a rows×in by in×out one, so the peak is never below
+    what the model's own layers reach.
+
+    On kernels and shapes the model uses, not torch.mm on one large square: on an AVX2-only Zen 3, bf16
+    (emulated there) ran at ~1.3 GFLOP/s on a 1024³ torch.mm, far below the small products of a tiny
+    model's bf16 layers, which put its MFU at 2.45. On AMD CPUs fp32 MKL (F.linear) measures ~205 GFLOP/s
+    on 2048³ where oneDNN measures ~450 (Zen 5).
     """
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
+    shapes = [(n, n, n)] + [(rows, i, o) for i, o in layers]
+    inputs = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(o, k, device=device, dtype=dtype))
+              for m, k, o in shapes]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    products = {"torch.mm": lambda: torch.mm(a, b, out=out)}
-    if device.type == "cpu" and dtype == torch.float32 and linear.available():
-        products["onednn"] = lambda: linear.fast_linear(a, b)  # a @ b.T: the same n³ multiply-adds
+    libraries = {"F.linear": F.linear}
+    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
+        libraries["onednn"] = fast_linear
     peaks = {}
-    for name, product in products.items():
-        product()
-        sync()
+    for name, product in libraries.items():
         best = 0.0
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            product()
+        for (m, k, o), (x, w) in zip(shapes, inputs):
+            product(x, w)
             sync()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                product(x, w)
+                sync()
+                best = max(best, 2 * m * k * o / (time.perf_counter() - t0))
         peaks[name] = best
     return peaks
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-                      repeats: int = 3) -> float:
+                      repeats: int = 3, layers: list[tuple[int, int]] = (), rows: int = 512) -> float:
     """The matmul peak MFU divides by: the best library's (matmul_peak_by_library)."""
-    return max(matmul_peak_by_library(device, dtype, n, repeats).values())
+    return max(matmul_peak_by_library(device, dtype, n, repeats, layers, rows).values())

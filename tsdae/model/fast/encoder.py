@@ -10,7 +10,7 @@ them. Padding positions of the returned hidden states are zero; every pooling ig
 pooling the sentence vector is the first token's state alone, so the last layer computes keys and
 values for every token and everything else for the first token only.
 
-The word embeddings are looked up with sparse gradients (here and in tsdae.fast_decoder): the tied
+The word embeddings are looked up with sparse gradients (here and in tsdae.model.fast.decoder): the tied
 vocabulary matrix then gets one dense gradient (the LM head's) plus two sparse row updates, instead of
 three dense vocab × hidden gradients that are zero-filled and summed every step.
 

@@ -14,87 +14,20 @@ would, but it changes the numbers, so it is used on CUDA only.
 from __future__ import annotations
 
 import contextlib
-import json
-import tempfile
 import time
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from tsdae.config import POOLINGS, PRECISIONS, EvalConfig
-from tsdae.evaluation import evaluate_sts
-from tsdae.pooling import pool
-from tsdae.sts import load_suite
-
-# sentence-transformers modules that leave the cosine of two embeddings as our encoder computes it.
-_COSINE_SAFE_MODULES = {"Transformer", "Pooling", "Normalize"}
-_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                     "pooling_mode_max_tokens": "max"}
-
-
-def _read_json(fs, path: str):
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def resolve_pooling(model_dir: str, pooling: str = "auto") -> str:
-    """The pooling to evaluate a model directory (local path or fsspec URI) with.
-
-    An explicit "cls"/"mean"/"max" wins. "auto" reads ``tsdae.json`` (our export), else the
-    sentence-transformers ``modules.json`` + Pooling config, else falls back to "cls" (a bare Hugging Face
-    encoder; the TSDAE paper's pooling). A sentence-transformers pipeline with modules that change the
-    cosine (Dense, …) or a pooling we do not implement raises ValueError rather than report wrong numbers.
-    """
-    if pooling != "auto":
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
-        return pooling
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(model_dir)
-    join = lambda *parts: "/".join([root.rstrip("/"), *parts])  # noqa: E731
-    if fs.exists(join("tsdae.json")):
-        return _read_json(fs, join("tsdae.json"))["pooling"]
-    if not fs.exists(join("modules.json")):
-        return "cls"
-    modules = _read_json(fs, join("modules.json"))
-    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
-    unsupported = sorted(set(kinds) - _COSINE_SAFE_MODULES)
-    if unsupported:
-        raise ValueError(f"{model_dir}: sentence-transformers modules {unsupported} are not supported "
-                         f"(only {sorted(_COSINE_SAFE_MODULES)})")
-    if "Pooling" not in kinds:
-        return "cls"
-    config = _read_json(fs, join(kinds["Pooling"]["path"], "config.json"))
-    modes = [mode for flag, mode in _ST_POOLING_FLAGS.items() if config.get(flag)]
-    others = [k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in _ST_POOLING_FLAGS]
-    if len(modes) != 1 or others:
-        raise ValueError(f"{model_dir}: pooling {modes + others} is not one of {POOLINGS}")
-    return modes[0]
-
-
-@contextlib.contextmanager
-def local_model_dir(model_ref: str):
-    """Yield a local directory for a model reference: ``package:<module>``, a local path, or any fsspec
-    URI (s3://, gs://, memory://, …) whose folder is copied into a temporary directory for the block."""
-    from tsdae.paths import resolve_model_path
-
-    ref = resolve_model_path(model_ref)
-    if "://" not in ref or ref.startswith("file://"):
-        yield ref.removeprefix("file://")
-        return
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(ref)
-    with tempfile.TemporaryDirectory(prefix="tsdae-model-") as tmp:
-        fs.get(root.rstrip("/") + "/", tmp + "/", recursive=True)
-        yield tmp
-
+from tsdae.eval.config import PRECISIONS, EvalConfig
+from tsdae.eval.protocol import evaluate_sts
+from tsdae.eval.sts import load_suite
+from tsdae.model import POOLINGS, model_pooling, pool
 
 class SentenceEncoder:
     """Encode sentences with an encoder (``model(input_ids, attention_mask, …).last_hidden_state``) and a
-    pooling mode ("cls", "mean" or "max", via ``tsdae.pooling.pool``).
+    pooling mode ("cls", "mean" or "max", via ``tsdae.model.pooling.pool``).
 
     ``SentenceEncoder(model_dir, …)`` loads a Hugging Face directory (AutoModel + AutoTokenizer) onto
     ``device``; ``SentenceEncoder.from_module(model, tokenizer, …)`` wraps an already-loaded encoder
@@ -103,7 +36,7 @@ class SentenceEncoder:
 
     def __init__(self, model_dir: str, pooling: str = "cls", max_length: int = 128, batch_size: int = 128,
                  device: str = "cpu", precision: str = "auto"):
-        pooling = resolve_pooling(model_dir, pooling)
+        pooling = model_pooling(model_dir, pooling)
         model = AutoModel.from_pretrained(model_dir).to(device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._setup(model, tokenizer, pooling, max_length, batch_size, precision)
@@ -176,10 +109,10 @@ class SentenceEncoder:
 
 def evaluate_model_dir(model_dir: str, pooling: str, cfg: EvalConfig, device: str = "cpu") -> dict:
     """Evaluate a Hugging Face or sentence-transformers encoder directory on cfg.tasks (data under
-    cfg.sts_dir) and cfg.custom_sets, in this process. pooling may be "auto" (``resolve_pooling``).
+    cfg.sts_dir) and cfg.custom_sets, in this process. pooling may be "auto" (``tsdae.model.model_pooling``).
 
     Returns ``evaluate_sts``'s dict plus "pooling", "max_length", "batch_size", "precision", "bad_rows"
-    (custom sets' skipped rows, ``tsdae.sts.load_suite``), "wall_s" (load data and model, encode, score),
+    (custom sets' skipped rows, ``tsdae.eval.sts.load_suite``), "wall_s" (load data and model, encode, score),
     "encode_s" and "sentences_per_s" (distinct sentences / encode_s).
 
     Reference (packaged all-MiniLM-L6-v2, default EvalConfig, ``all``): STS-B test cls 73.50 / mean 82.03;
