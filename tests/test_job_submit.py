@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -82,7 +84,7 @@ def ray_head(tmp_path_factory):
          f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
          f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
          f"--ray-client-server-port={_free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )
     head = (f"http://127.0.0.1:{dashboard}", env)
     deadline = time.time() + 120
@@ -95,7 +97,7 @@ def ray_head(tmp_path_factory):
                 return
             except RuntimeError:
                 if time.time() > deadline or proc.poll() is not None:
-                    proc.terminate()
+                    _stop_group(proc)
                     raise
                 time.sleep(3)
 
@@ -104,7 +106,21 @@ def ray_head(tmp_path_factory):
     # a no-op job until it is accepted, so that the first real submission, by CLI or client, is not refused.
     retry(lambda: _client(head, "wait", _client(head, "submit", json.dumps({"entrypoint": "true"}))["job_id"]))
     yield head
-    proc.terminate()
+    _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stop the head and every process it started (its own process group, by id): SIGTERM, then SIGKILL
+    after grace_s (a graceful Ray shutdown took ~30 s here, for nothing a test needs)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
 
 
@@ -121,7 +137,8 @@ def _config(tmp_path, tiny_bert_dir, **overrides) -> Path:
         "model": {"name_or_path": tiny_bert_dir},
         "train": {"global_batch_size": 8, "max_steps": 4, "lr": 1e-3, "report_every": 2},
         "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5},
-        "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16", "STSB-test"], "num_cpus": 1},
+        "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16", "STSB-test"], "num_cpus": 1,
+                 "validation_task": None},  # checkpoint validation has tests of its own
         **overrides,
     }
     path = tmp_path / "job.yaml"

@@ -45,7 +45,8 @@ def _config(tmp_path: Path, tiny_bert_dir: str, nightly_section: dict | None = N
         "train": {"max_steps": 3, "lr": 1e-3, "report_every": 1},
         "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1,
                   "cpus_per_preprocess_actor": 0.5},
-        "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16", "STSB-test"], "num_cpus": 1},
+        "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16", "STSB-test"], "num_cpus": 1,
+                 "validation_task": None},  # checkpoint validation has tests of its own
         "nightly": {"registry_uri": str(tmp_path / "registry"), "cache_dir": str(tmp_path / "cache"),
                     **(nightly_section or {})},
         **overrides,

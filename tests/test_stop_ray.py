@@ -30,7 +30,8 @@ def _config(tmp_path, model_dir, max_steps) -> Path:
         "model": {"name_or_path": model_dir},
         "train": {"global_batch_size": 4, "max_steps": max_steps, "lr": 1e-3, "report_every": 2},
         "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "cpus_per_preprocess_actor": 0.5, "local_num_cpus": 4},
-        "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16"], "num_cpus": 1},
+        "eval": {"sts_dir": str(ROOT / "data/sts"), "tasks": ["STS16"], "num_cpus": 1,
+                 "validation_task": None},  # checkpoint validation has tests of its own
     }
     path = tmp_path / f"stop-{max_steps}.yaml"
     path.write_text(yaml.safe_dump(cfg))
