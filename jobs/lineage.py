@@ -46,7 +46,7 @@ def git_info(explicit: str | None = None) -> dict:
 
 def build_lineage(*, model_id: str, parent: str | None, base_model: str, through: str, key: str,
                   partitions: list[dict], replay: list[dict], consumed: list[str], cfg, config_label: str,
-                  report: dict, decision: dict, git: dict, versions: dict) -> dict:
+                  report: dict, decision: dict, git: dict, versions: dict, mlflow_run_id: str | None = None) -> dict:
     """One model's lineage (JSON-serialisable).
 
     partitions / replay: {"name", "uri", "files": [{"path", "size"}], "rows"} of the new and the replayed
@@ -54,6 +54,7 @@ def build_lineage(*, model_id: str, parent: str | None, base_model: str, through
     counts of what was trained on are under "corpus"). consumed: every partition this model's line has
     trained on, parents included; the next night trains on the rest.
     cfg: the run config (jobs.config.RunConfig) as the job ran it, warm start included.
+    mlflow_run_id: the night's MLflow run (jobs.tracking), when tracking is on.
     """
     meta = report["meta"]
     return {
@@ -62,7 +63,8 @@ def build_lineage(*, model_id: str, parent: str | None, base_model: str, through
         "parent": parent,  # the production model this one was warm-started from; None: base_model
         "base_model": base_model,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "night": {"through": through, "idempotency_key": key, "run_name": meta.get("run_name")},
+        "night": {"through": through, "idempotency_key": key, "run_name": meta.get("run_name"),
+                  "mlflow_run_id": mlflow_run_id},
         "data": {
             "uri": cfg.read.uri,
             "partitions": partitions,

@@ -35,18 +35,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from jobs import stages
-from jobs.config import ConfigError
+from jobs import stages, tracking
+from jobs.config import OVERRIDES_HELP, ConfigError
+from jobs.exits import EXIT_CONFIG, EXIT_GATE, EXIT_OK, EXIT_PROMOTE
 from jobs.gate import decide, gated_tasks, summarize
 from jobs.lineage import build_lineage, git_info, package_versions
 from jobs.registry import Registry, RegistryError
-from jobs.stages import EXIT_CONFIG, EXIT_GATE, EXIT_PROMOTE, start_job
+from jobs.stages import start_job
 from pipeline import CorpusError, Partition, list_partitions
 from tsdae.eval import SentenceEncoder, render_markdown, write_report
 
 log = logging.getLogger("tsdae")
-
-EXIT_OK = 0
 
 
 # -- data: hive date partitions ---------------------------------------------------------------------------
@@ -95,7 +94,7 @@ def idempotency_key(parent: str | None, new: list[Partition], replay: list[Parti
         "parent": parent,
         "new": [(p.name, p.files) for p in new],
         "replay": [(p.name, p.files) for p in replay],
-        "config": cfg.model_dump(),
+        "config": cfg.model_dump(exclude={"tracking"}),  # where a night is logged does not change what it trains
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -167,16 +166,26 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
     log.info("warm start from %s (%s)", parent or cfg.model.name_or_path, model_cfg.name_or_path)
     run_cfg = cfg.replace(model=model_cfg.model_dump(), read=cfg.read.replace(uri=[p.uri for p in new + replay]).model_dump())
 
-    # 3. Read, evaluate production, train, evaluate the candidate, export.
+    # 3. Read, evaluate production, train, evaluate the candidate, export; tracked as one MLflow run.
     out_dir = Path(cfg.output_dir) / model_id
     out_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         stages.connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
+    tracker = tracking.start(cfg.tracking, model_id, tracking.run_tags(run_cfg, config_label, {
+        "tsdae.model_id": model_id, "tsdae.parent_model": parent or cfg.model.name_or_path,
+        "tsdae.through": through.isoformat(), "tsdae.corpus": json.dumps([p.name for p in new]),
+        "tsdae.replay": json.dumps([p.name for p in replay]), "tsdae.idempotency_key": key}))
+
+    def finish(result: NightResult) -> NightResult:
+        tracker.set_tags({"tsdae.night_status": result.status})
+        tracker.finish(result.exit_code)
+        return result
+
     try:
-        report = stages.run_all(run_cfg, model_id, out_dir, config_label=config_label)
+        report = stages.run_all(run_cfg, model_id, out_dir, config_label=config_label, tracker=tracker)
     except stages.StageError as e:
         log.error("%s", e)
-        return NightResult(e.exit_code, "failed", model_id)
+        return finish(NightResult(e.exit_code, "failed", model_id))
 
     # 4. Gate; the decision and the lineage go into the report and beside the model.
     stages.announce("regression gate")
@@ -187,16 +196,22 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
         key=key, partitions=[partition_record(p) for p in new], replay=[partition_record(p) for p in replay],
         consumed=sorted(consumed | {p.name for p in new}), cfg=run_cfg, config_label=config_label,
         report=report, decision=decision, git=git_info(git_commit), versions=package_versions(),
+        mlflow_run_id=tracker.run_id if tracker.on else None,
     )
     report["meta"].update({"model_id": model_id, "parent_model": parent or cfg.model.name_or_path,
                            "gate": summarize(decision), "gate_decision": decision})
-    write_report(report, str(out_dir))
+    paths = write_report(report, str(out_dir))
     (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    tracker.set_tags({"tsdae.gate": "PROMOTE" if decision["promote"] else "REJECT"})
+    tracker.log_metrics({f"gate/{k}": v for k, v in (("production_avg", decision["production"]["avg"]),
+                         ("candidate_avg", decision["candidate"]["avg"]), ("delta_avg", decision["delta"]["avg"]))
+                         if v is not None})
+    tracker.log_files([*map(Path, paths.values()), out_dir / "lineage.json"])
     night = {"model_id": model_id, "through": through.isoformat(), "parent": parent, "decision": decision}
     if not decision["promote"]:
         registry.record_night(key, {**night, "status": "rejected", "exit_code": EXIT_GATE})
         log.info("production stays %s", parent or "empty")
-        return NightResult(EXIT_GATE, "rejected", model_id, report, decision)
+        return finish(NightResult(EXIT_GATE, "rejected", model_id, report, decision))
 
     # 5. Promote: publish every file, fetch it back and load it, then move the pointer (the last write).
     try:
@@ -206,26 +221,29 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
         local = registry.fetch(model_id, Path(nightly.cache_dir) / model_id)
         verify_loads(local / "encoder", cfg.model.pooling)
         stages.announce("promote")
-        registry.promote(model_id, expected_current=parent, consumed_partitions=lineage["data"]["consumed_partitions"],
-                         through=through.isoformat(), gate=decision["candidate"])
+        pointer = registry.promote(model_id, expected_current=parent,
+                                   consumed_partitions=lineage["data"]["consumed_partitions"],
+                                   through=through.isoformat(), gate=decision["candidate"])
     except Exception as e:  # storage errors, a checksum mismatch, a model that does not load
         log.error("promotion of %s failed, production stays %s: %s", model_id, parent or "empty", e)
-        return NightResult(EXIT_PROMOTE, "failed", model_id, report, decision)
+        return finish(NightResult(EXIT_PROMOTE, "failed", model_id, report, decision))
     registry.record_night(key, {**night, "status": "promoted", "exit_code": EXIT_OK})
-    return NightResult(EXIT_OK, "promoted", model_id, report, decision)
+    tracker.set_tags({"tsdae.registry": registry.uri})
+    return finish(NightResult(EXIT_OK, "promoted", model_id, report, decision))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="run config YAML with a nightly: section (configs/nightly.yaml)")
     p.add_argument("--through", type=date.fromisoformat,
                    help="train on partitions dated up to this day, YYYY-MM-DD (default: yesterday, UTC)")
     p.add_argument("--git-commit", help="the commit being run, for the lineage (default: TSDAE_GIT_COMMIT or git)")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    return p.parse_intermixed_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, prog)
 
     # 1. Config: a run config with a nightly section, a single corpus root and a gated STS task.
     def check(cfg) -> None:
@@ -236,7 +254,7 @@ def main(argv=None) -> int:
         if not gated_tasks(cfg.eval.tasks):
             raise ConfigError(f"{args.config}: eval.tasks has no task of the 7-task average for the gate")
 
-    cfg = start_job(args.config, check)
+    cfg = start_job(args.config, check, overrides=args.overrides)
     if cfg is None:
         return EXIT_CONFIG
     through = args.through or (datetime.now(timezone.utc).date() - timedelta(days=1))

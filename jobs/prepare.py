@@ -18,6 +18,7 @@ import sys
 
 import fsspec
 
+from jobs.config import OVERRIDES_HELP
 from jobs.stages import EXIT_CONFIG, EXIT_DATA, connect_ray, start_job
 from pipeline import CorpusError, build_train_dataset, corpus_stats, write_prepared
 from tsdae.model import resolve_model_path
@@ -25,20 +26,21 @@ from tsdae.model import resolve_model_path
 log = logging.getLogger("tsdae")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="run config YAML (its read, corrupt, model, train, scale)")
     p.add_argument("--output", required=True, help="output URI (local path, s3://, gs://)")
     p.add_argument("--epochs", type=int, help="epochs to write (default: the config's train.epochs)")
     p.add_argument("--start-epoch", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    return p.parse_intermixed_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, prog)
 
     # 1. Config.
-    cfg = start_job(args.config)
+    cfg = start_job(args.config, overrides=args.overrides)
     if cfg is None:
         return EXIT_CONFIG
     epochs = args.epochs or cfg.train.epochs

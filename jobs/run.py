@@ -1,6 +1,6 @@
 """Run TSDAE end to end: read the corpus → evaluate the base model → train → evaluate → report.
 
-    python -m jobs.run --config configs/demo.yaml
+    python -m jobs.run --config configs/demo.yaml train.lr=1e-4 scale.num_workers=4   # = tsdae-ray run …
     ray job submit --working-dir . -- python -m jobs.run --config configs/gpu-cluster.yaml
 
 Exit codes: 0 success, 2 bad config, 3 bad corpus, 4 training failed, 5 evaluation failed,
@@ -15,26 +15,29 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jobs import tracking
+from jobs.config import OVERRIDES_HELP
 from jobs.stages import EXIT_CONFIG, StageError, connect_ray, run_all, start_job
 from tsdae.eval import render_markdown
 
 log = logging.getLogger("tsdae")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--name", help="run name (default: the config's name); a UTC timestamp is appended")
     p.add_argument("--resume", metavar="RUN_NAME",
                    help="continue a stopped or failed run from its last checkpoint (its full name)")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    return p.parse_intermixed_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, prog)
 
     # 1. Config.
-    cfg = start_job(args.config)
+    cfg = start_job(args.config, overrides=args.overrides)
     if cfg is None:
         return EXIT_CONFIG
     run_name = args.resume or f"{args.name or cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
@@ -42,13 +45,16 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run %s → %s", run_name, out_dir)
 
-    # 2. Build and run: join or start Ray, then every stage in order.
+    # 2. Build and run: join or start Ray, start the MLflow run (when tracking is on), every stage in order.
     connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
+    tracker = tracking.start(cfg.tracking, run_name, tracking.run_tags(cfg, args.config))
     try:
-        report = run_all(cfg, run_name, out_dir, config_label=args.config)
+        report = run_all(cfg, run_name, out_dir, config_label=args.config, tracker=tracker)
     except StageError as e:
         log.error("%s", e)
+        tracker.finish(e.exit_code)
         return e.exit_code
+    tracker.finish(0)
 
     # 3. Report.
     print(render_markdown(report), flush=True)

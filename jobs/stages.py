@@ -15,17 +15,18 @@ from pathlib import Path
 
 import ray
 
-from jobs.config import ConfigError, RunConfig, load_config, preflight
+from jobs.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight
+# The exit codes live in jobs.exits; the jobs read them from here too, beside the stages that return them.
+from jobs.exits import (EXIT_CONFIG, EXIT_DATA, EXIT_EVAL, EXIT_GATE, EXIT_PROMOTE, EXIT_STOPPED,  # noqa: F401
+                        EXIT_TRAIN)
 from jobs.stop import clear_stop, stop_flag_uri, stop_on_sigterm
+from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
 from tsdae.model import resolve_model_path
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
 
-EXIT_CONFIG, EXIT_DATA, EXIT_TRAIN, EXIT_EVAL = 2, 3, 4, 5
-EXIT_GATE, EXIT_PROMOTE = 6, 7  # jobs.nightly: candidate rejected; publishing or promotion failed
-EXIT_STOPPED = 143  # SIGTERM (`ray job stop`, preemption): checkpointed, resumable with --resume
 # What every Ray worker process needs in its environment: tokenizer threads that do not oversubscribe
 # the CPUs Ray gave the worker (HF_HUB_OFFLINE is passed on from the driver when it is set there).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
@@ -41,13 +42,14 @@ class StageError(RuntimeError):
         self.exit_code = exit_code
 
 
-def start_job(config_path: str, check=None, overrides: dict | None = None) -> RunConfig | None:
-    """Set up the job's logging, load its run config and check what it points at (``preflight``);
-    check(cfg) may raise ConfigError for what one job needs beyond that. Returns None after logging why
-    the config is bad (the job then exits with EXIT_CONFIG, before Ray starts)."""
+def start_job(config_path: str, check=None, overrides: list[str] = ()) -> RunConfig | None:
+    """Set up the job's logging, load its run config with the command line's overrides ("train.lr=1e-4")
+    and check what it points at (``preflight``); check(cfg) may raise ConfigError for what one job needs
+    beyond that. Returns None after logging why the config is bad (the job then exits with EXIT_CONFIG,
+    before Ray starts)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(config_path, parse_overrides(overrides))
         preflight(cfg, str(config_path))
         if check is not None:
             check(cfg)
@@ -107,8 +109,9 @@ def evaluate_stage(label: str, model_ref: str, pooling: str, eval_cfg) -> dict:
     return result
 
 
-def train_stage(cfg: RunConfig, rows: int, run_name: str):
-    """Stream, corrupt and tokenize the corpus into Ray Train; returns the Ray Train Result.
+def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None = None):
+    """Stream, corrupt and tokenize the corpus into Ray Train; returns the Ray Train Result. callbacks:
+    Ray Train callbacks for the controller (the live MLflow metrics).
 
     SIGTERM while training (`ray job stop`, a preempted head) asks the workers to checkpoint and stop
     (jobs.stop); the stage then fails with EXIT_STOPPED and the run resumes with `--resume <run name>`.
@@ -124,6 +127,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str):
     trainer = build_trainer(
         dataset, model=cfg.model, train=cfg.train, scale=cfg.scale, max_length=cfg.corrupt.max_length,
         rows=rows, name=run_name, storage_path=cfg.storage_path, stop_flag=flag, eval_cfg=cfg.eval,
+        callbacks=callbacks,
     )
     with stop_on_sigterm(flag):
         try:
@@ -159,11 +163,19 @@ def export_stage(result, selected: Selection, out_dir: Path, cfg: RunConfig) -> 
     return summary
 
 
-def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> dict:
+def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str, tracker: Tracker | None = None) -> dict:
     """read → evaluate base (and production) → train, validating checkpoints on the dev task → select
     the run's model (best dev score, else the final checkpoint) → export it → evaluate the export →
-    report and charts; returns the report."""
+    report and charts; returns the report. The resolved config is saved first, as out_dir/config.yaml.
+
+    tracker: the run's MLflow run (jobs.tracking; None: no tracking): params first, training metrics live
+    and reconciled after training, the STS table and the files at the end.
+    """
     started = time.perf_counter()
+    tracker = tracker or Tracker()
+    config_file = out_dir / "config.yaml"
+    config_file.write_text(dump_config(cfg))
+    tracker.log_config(cfg)
     stats = read_stage(cfg)
     before = evaluate_stage("base model", cfg.model.name_or_path, cfg.model.pooling, cfg.eval)
     production = None
@@ -171,7 +183,7 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> 
         production = evaluate_stage("production model", cfg.eval.production_model, "auto", cfg.eval)
     validate = validates(cfg.eval)
     t_train = time.perf_counter()
-    result = train_stage(cfg, stats["rows_kept"], run_name)
+    result = train_stage(cfg, stats["rows_kept"], run_name, tracker.live_callbacks(cfg.storage_path, run_name))
     train_seconds = time.perf_counter() - t_train
     validation = load_validation_history(result.path, result.filesystem) if validate else []
     for record in validation:
@@ -179,6 +191,8 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> 
                  record["val_seconds"])
     selected = select_checkpoint(result, validate)
     summary = export_stage(result, selected, out_dir, cfg)
+    history = [json.loads(line) for line in (out_dir / checkpoint.METRICS_FILE).read_text().splitlines() if line]
+    tracker.log_training(history, validation)
     encoder_dir = out_dir / checkpoint.ENCODER_DIR
     label = "trained model" if selected.source == "final" else f"trained model (best dev, step {selected.step})"
     after = evaluate_stage(label, str(encoder_dir), cfg.model.pooling, cfg.eval)
@@ -223,8 +237,9 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str) -> 
     }
     report = build_report(before, after, meta, production=production, validation=validation)
     paths = write_report(report, str(out_dir))
-    history = [json.loads(line) for line in (out_dir / checkpoint.METRICS_FILE).read_text().splitlines() if line]
     paths.update(write_charts(report, str(out_dir), history=history))
+    tracker.log_report(report, [config_file, *map(Path, paths.values()), out_dir / checkpoint.METRICS_FILE,
+                                out_dir / checkpoint.SUMMARY_FILE], encoder_dir)
     log.info("report: %s; encoder: %s (%s); %.0f s in all", paths, encoder_dir, meta["evaluated_model"],
              meta["wall_seconds"])
     return report

@@ -18,10 +18,15 @@ import fsspec
 log = logging.getLogger("tsdae")
 
 
+def run_uri(storage_path: str, run_name: str) -> str:
+    """The folder (URI or absolute path) of a Ray Train run under storage_path."""
+    base = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    return f"{base.rstrip('/')}/{run_name}"
+
+
 def stop_flag_uri(storage_path: str, run_name: str) -> str:
     """Where the driver asks a run's workers to checkpoint and stop."""
-    base = storage_path if "://" in storage_path else os.path.abspath(storage_path)
-    return f"{base.rstrip('/')}/{run_name}/STOP"
+    return f"{run_uri(storage_path, run_name)}/STOP"
 
 
 def request_stop(flag_uri: str) -> None:

@@ -1,9 +1,15 @@
 """Shared fixtures: a tiny random BERT (built from a config and the shipped vocabulary), the packaged
-all-MiniLM-L6-v2, and one local Ray cluster per test session."""
+all-MiniLM-L6-v2, one local Ray cluster per test session, and a real MLflow server."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # took 2 s (measured: 4.0 sentences/s at batch 8 in the guard run). Set here, so that the local clusters
 # and the jobs the tests start in subprocesses inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# A developer's own MLflow server must not receive the tests' runs (tracking is on whenever it is set);
+# the tracking tests name their server in the config.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -83,3 +92,57 @@ def target_sentences() -> list[str]:
         "a much longer sentence about distributed training of sentence embeddings on many machines",
         "short one",
     ]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a free port, a SQLite backend store and a local artifact store
+    (served through the server, as a shared server does) in folder. Stopped by its process group."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{port}"
+        self.log = folder / "server.log"
+        # No job runner (MLflow's GenAI jobs): it starts worker processes the tests do not need.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                 "--artifacts-destination", str(folder / "artifacts")],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 120  # a bound for a failed start, not a timing assertion
+        while not self.healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (the CLI, uvicorn and its worker), SIGKILL after 10 s."""
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One MLflow server for the session's tracking and registry tests (each uses its own experiment or
+    registered model)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

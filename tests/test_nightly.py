@@ -168,7 +168,7 @@ class FakeStages:
         s = self._score(encoder)
         return {"tasks": {t: {"all": s, "wmean": s} for t in eval_cfg.tasks}, "avg7_all": None, "avg7_wmean": None}
 
-    def train_stage(self, cfg, rows, run_name):
+    def train_stage(self, cfg, rows, run_name, callbacks=None):
         self.calls.append(("train", cfg.model.name_or_path, run_name))
         ckpt = self.ckpts / run_name
         if ckpt.exists():

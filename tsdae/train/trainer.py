@@ -39,6 +39,7 @@ def build_trainer(
     stop_flag: str | None = None,
     eval_cfg: EvalConfig | None = None,
     loop: Callable[[WorkerConfig], None] = train_loop_per_worker,
+    callbacks: list[ray.train.UserCallback] | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for one run; `name` must be unique per launch (a same-named run resumes).
 
@@ -48,6 +49,7 @@ def build_trainer(
     (``tsdae.train.validation``); Ray then keeps the train.keep_checkpoints best by VAL_METRIC (plus
     always the latest, for resuming) instead of the most recent ones.
     loop: the per-worker function (tests inject failures with tsdae.train.faults.CrashOnce).
+    callbacks: Ray Train callbacks, run on the controller after each report (jobs.tracking's live metrics).
     """
     for workers in scale.worker_counts():  # fail now, not on the workers, if the batch cannot split
         train.per_worker_batch(workers)
@@ -79,6 +81,7 @@ def build_trainer(
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
             checkpoint_config=checkpoint_config,
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[] if train.deterministic else "all"),
