@@ -40,7 +40,7 @@ from jobs.config import OVERRIDES_HELP, ConfigError
 from jobs.exits import EXIT_CONFIG, EXIT_GATE, EXIT_OK, EXIT_PROMOTE
 from jobs.gate import decide, gated_tasks, summarize
 from jobs.lineage import build_lineage, git_info, package_versions
-from jobs.registry import Registry, RegistryError
+from jobs.registry import RegistryError, open_registry
 from jobs.stages import start_job
 from pipeline import CorpusError, Partition, list_partitions
 from tsdae.eval import SentenceEncoder, render_markdown, write_report
@@ -128,7 +128,7 @@ class NightResult:
 def run_night(cfg, through: date, config_label: str, git_commit: str | None = None) -> NightResult:
     """One night of retraining (see the module docstring). Joins Ray only if there is work to do."""
     nightly = cfg.nightly
-    registry = Registry(nightly.registry_uri)
+    registry = open_registry(nightly.registry_uri, cfg.tracking.server())
 
     # 1. Data: what is new since the production model.
     stages.announce("find new data")
@@ -228,7 +228,8 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
         log.error("promotion of %s failed, production stays %s: %s", model_id, parent or "empty", e)
         return finish(NightResult(EXIT_PROMOTE, "failed", model_id, report, decision))
     registry.record_night(key, {**night, "status": "promoted", "exit_code": EXIT_OK})
-    tracker.set_tags({"tsdae.registry": registry.uri})
+    tracker.set_tags({"tsdae.registry": registry.uri, **({"tsdae.registry_version": pointer["version"]}
+                                                         if "version" in pointer else {})})
     return finish(NightResult(EXIT_OK, "promoted", model_id, report, decision))
 
 

@@ -16,6 +16,13 @@ GCS make a single object write atomic: a reader sees the old or the new object, 
 
     python -m jobs.registry runs/registry show
     python -m jobs.registry runs/registry promote <model_id>     # manual rollback to a verified model
+    python -m jobs.registry mlflow://tsdae-nightly show           # the same on MLflow's model registry
+
+Exit codes: 0 done, 2 a bad registry URI, 7 the model failed verification or production moved.
+
+``open_registry`` picks the registry a URI names: this storage registry (the default), or, for
+``mlflow://<registered model name>``, MLflow's model registry (``jobs.mlflow_registry``), which keeps the
+same guarantees (``ModelRegistry``).
 """
 
 from __future__ import annotations
@@ -28,11 +35,15 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import fsspec
 
+from jobs.config import MLFLOW_SCHEME
+from jobs.exits import EXIT_CONFIG, EXIT_PROMOTE
 from tsdae.storage import write_atomic
 
 SCHEMA_VERSION = 1
@@ -57,6 +68,73 @@ def sha256_file(path: Path) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def manifest_entries(src: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under the local folder src (a manifest's files)."""
+    files = sorted(p for p in Path(src).rglob("*") if p.is_file())
+    return {p.relative_to(src).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+
+
+def install_verified(model_id: str, manifest: dict, dest: Path, download: Callable[[str, Path], None]) -> Path:
+    """Download the files of a model's manifest into the local folder dest, each through download(relative
+    path, local file), and check every size and sha256; returns dest. A dest that a previous call
+    completed is reused.
+
+    Downloads into a sibling temp folder and renames it into place, so dest is complete or absent.
+    """
+    dest = Path(dest)
+    done_marker = dest / MANIFEST
+    if done_marker.exists() and json.loads(done_marker.read_text())["files"] == manifest["files"]:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        for rel, entry in manifest["files"].items():
+            local = tmp / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            download(rel, local)
+            size, digest = local.stat().st_size, sha256_file(local)
+            if size != entry["size"] or digest != entry["sha256"]:
+                raise RegistryError(f"model {model_id}: {rel} has size {size} sha256 {digest[:12]}…, "
+                                    f"manifest says {entry['size']} {entry['sha256'][:12]}…")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+class ModelRegistry(Protocol):
+    """What the nightly job and the CLI need from a registry. Both implementations (``Registry`` here,
+    ``jobs.mlflow_registry.MlflowRegistry``) keep the same guarantees: a model is complete (its manifest
+    written last) before anything can point at it; fetch checks every file against the manifest;
+    promote refuses an incomplete model or a production that moved underneath, and its one write is
+    the last of a promotion, so a crash anywhere leaves production on the old model or the new one."""
+
+    uri: str
+
+    def production(self) -> dict | None: ...
+    def promote(self, model_id: str, *, expected_current: str | None, **fields) -> dict: ...
+    def manifest(self, model_id: str) -> dict | None: ...
+    def publish(self, model_id: str, src: Path) -> dict: ...
+    def fetch(self, model_id: str, dest: str | Path) -> Path: ...
+    def lineage(self, model_id: str) -> dict | None: ...
+    def night(self, key: str) -> dict | None: ...
+    def record_night(self, key: str, record: dict) -> None: ...
+
+
+def open_registry(uri: str, tracking_uri: str | None = None) -> ModelRegistry:
+    """The registry at uri: ``mlflow://<registered model name>`` is MLflow's model registry on
+    tracking_uri (None: MLFLOW_TRACKING_URI); anything else is the storage registry."""
+    if uri.startswith(MLFLOW_SCHEME):
+        from jobs.mlflow_registry import MlflowRegistry  # mlflow is an optional extra: imported when used
+
+        return MlflowRegistry(uri, tracking_uri)
+    return Registry(uri)
 
 
 class Registry:
@@ -138,9 +216,7 @@ class Registry:
         rewritten.
         """
         src = Path(src)
-        files = sorted(p for p in src.rglob("*") if p.is_file())
-        entries = {p.relative_to(src).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                   for p in files}
+        entries = manifest_entries(src)
         existing = self.manifest(model_id)
         if existing is not None:
             if existing["files"] == entries:
@@ -168,36 +244,16 @@ class Registry:
 
     def fetch(self, model_id: str, dest: str | Path) -> Path:
         """Download models/<model_id>/ to the local folder dest, checking every size and checksum
-        against its manifest; returns dest. A dest that a previous fetch completed is reused.
-
-        Downloads into a sibling temp folder and renames it into place, so dest is complete or absent.
-        """
-        dest = Path(dest)
+        against its manifest; returns dest, complete or absent (``install_verified``)."""
         manifest = self.manifest(model_id)
         if manifest is None:
             raise RegistryError(f"model {model_id} has no {MANIFEST} at {self.model_uri(model_id)}")
-        done_marker = dest / MANIFEST
-        if done_marker.exists() and json.loads(done_marker.read_text())["files"] == manifest["files"]:
-            return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-        try:
-            for rel, entry in manifest["files"].items():
-                local = tmp / rel
-                local.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._path("models", model_id, rel), str(local))
-                size, digest = local.stat().st_size, sha256_file(local)
-                if size != entry["size"] or digest != entry["sha256"]:
-                    raise RegistryError(f"model {model_id}: {rel} has size {size} sha256 {digest[:12]}…, "
-                                        f"manifest says {entry['size']} {entry['sha256'][:12]}…")
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dest
+        return install_verified(model_id, manifest, Path(dest),
+                                lambda rel, local: self.fs.get_file(self._path("models", model_id, rel), str(local)))
+
+    def lineage(self, model_id: str) -> dict | None:
+        """The lineage.json published with a model (None if it has none)."""
+        return self.read_json("models", model_id, "lineage.json")
 
     # -- nights ----------------------------------------------------------------------------------------
     def night(self, key: str) -> dict | None:
@@ -209,29 +265,39 @@ class Registry:
                         "nights", f"{key}.json")
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description="Show the production model, or point production at a "
+    p = argparse.ArgumentParser(prog=prog, description="Show the production model, or point production at a "
                                             "published model (rollback).")
-    p.add_argument("registry_uri")
+    p.add_argument("registry_uri", help="a storage registry (path, s3://, gs://) or mlflow://<registered model name>")
+    p.add_argument("--tracking-uri", help="the MLflow server of an mlflow:// registry (default: MLFLOW_TRACKING_URI)")
     sub = p.add_subparsers(dest="action", required=True)
-    sub.add_parser("show")
-    promote = sub.add_parser("promote")
+    sub.add_parser("show", help="print the production pointer (JSON)")
+    promote = sub.add_parser("promote", help="verify a published model's files, then point production at it")
     promote.add_argument("model_id")
     args = p.parse_args(argv)
 
-    registry = Registry(args.registry_uri)
+    try:
+        registry = open_registry(args.registry_uri, args.tracking_uri)
+    except (ValueError, ImportError) as e:  # a bad URI; mlflow:// without the mlflow extra
+        log.error("bad registry %s: %s", args.registry_uri, e)
+        return EXIT_CONFIG
     current = registry.production()
     if args.action == "show":
         print(json.dumps(current, indent=2))
         return 0
-    with tempfile.TemporaryDirectory() as tmp:  # verify every checksum before moving the pointer
-        registry.fetch(args.model_id, Path(tmp) / args.model_id)
-    # The next night trains on what this model has not seen: take that from its own lineage.
-    lineage = registry.read_json("models", args.model_id, "lineage.json") or {}
-    consumed = lineage.get("data", {}).get("consumed_partitions", [])
-    registry.promote(args.model_id, expected_current=current["model_id"] if current else None,
-                     consumed_partitions=consumed, manual=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # verify every checksum before moving the pointer
+            registry.fetch(args.model_id, Path(tmp) / args.model_id)
+        # The next night trains on what this model has not seen: take that from its own lineage.
+        lineage = registry.lineage(args.model_id) or {}
+        consumed = lineage.get("data", {}).get("consumed_partitions", [])
+        registry.promote(args.model_id, expected_current=current["model_id"] if current else None,
+                         consumed_partitions=consumed, manual=True)
+    except (RegistryError, OSError) as e:
+        log.error("promotion of %s failed, production stays %s: %s", args.model_id,
+                  current["model_id"] if current else "empty", e)
+        return EXIT_PROMOTE
     return 0
 
 

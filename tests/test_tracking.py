@@ -164,9 +164,9 @@ def _small_dev(folder: Path, n: int) -> str:
 @pytest.mark.ray
 def test_a_run_logs_params_metrics_validation_and_files(ray_local, mlflow_server, tiny_bert_dir, tmp_path,
                                                        monkeypatch):
-    """6 steps, a report and a checkpoint every 2, each checkpoint validated: the MLflow run has the
-    config, rank 0's metrics at steps 2, 4, 6 (logged live, while training ran), the three validation
-    scores, the STS table of report.json and the run's files."""
+    """6 steps, a report every 2, checkpoints at 3 and 6, each validated: the MLflow run has the config,
+    rank 0's metrics at steps 2, 3, 4, 6 (logged live, while training ran), the two validation scores, the
+    STS table of report.json and the run's files."""
     ray_local.data.DataContext.get_current().enable_progress_bars = False
     texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:64]
     pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
@@ -175,7 +175,7 @@ def test_a_run_logs_params_metrics_validation_and_files(ray_local, mlflow_server
         "read": {"uri": str(tmp_path / "corpus.parquet")},
         "corrupt": {"max_length": 32},
         "model": {"name_or_path": tiny_bert_dir},
-        "train": {"global_batch_size": 8, "max_steps": 6, "lr": 1e-3, "report_every": 2, "checkpoint_every": 2,
+        "train": {"global_batch_size": 8, "max_steps": 6, "lr": 1e-3, "report_every": 2, "checkpoint_every": 3,
                   "keep_checkpoints": 1},
         "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5},
         "eval": {"sts_dir": _small_dev(tmp_path / "sts", 200), "tasks": ["STSB-dev"], "batch_size": 64, "num_cpus": 1},
@@ -203,7 +203,7 @@ def test_a_run_logs_params_metrics_validation_and_files(ray_local, mlflow_server
 
     # Rank 0's metrics at every report step, equal to metrics.jsonl, all logged before training returned.
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in history] == [2, 4, 6]
+    assert [r["step"] for r in history] == [2, 3, 4, 6]
     for key in tracking.TRAIN_METRICS:
         logged = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         assert [(m.step, m.value) for m in logged] == [(r["step"], pytest.approx(r[key])) for r in history], key
@@ -212,7 +212,7 @@ def test_a_run_logs_params_metrics_validation_and_files(ray_local, mlflow_server
 
     # Every validation score at its step, equal to report.json's.
     validation = json.loads((out / "report.json").read_text())["validation"]
-    assert [r["val_step"] for r in validation] == [2, 4, 6]
+    assert [r["val_step"] for r in validation] == [3, 6]
     logged = sorted(client.get_metric_history(run_id, "val_spearman"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in logged] == [(r["val_step"], pytest.approx(r["val_spearman"])) for r in validation]
 
