@@ -6,10 +6,11 @@ is its ``production`` alias.
 
 The same contract as the storage registry (``jobs.registry.ModelRegistry``), kept the same way:
 
-    publish   a new run in the experiment ``<name>-registry`` gets every file as an artifact under model/,
-              then model/MANIFEST.json, then the model version is created (source: that folder; tags: the
+    publish   every file goes up as an artifact under model/ of the night's tracking run (lineage.json
+              names it; without one, a new run in the experiment ``<name>-registry``), then
+              model/MANIFEST.json, then the model version is created (source: that folder; tags: the
               model id and the lineage). A version exists only for a complete upload: it is what the
-              storage registry's manifest is. A crash before it leaves an orphan run that nothing points at.
+              storage registry's manifest is. A crash before it leaves files that nothing points at.
     fetch     downloads the version's files one by one and checks each against MANIFEST.json (size, sha256)
     promote   refuses a model without a version, or a production alias that moved; writes the pointer's
               fields as a tag on the version (``tsdae.pointer``), then moves the alias: the one write that
@@ -17,7 +18,9 @@ The same contract as the storage registry (``jobs.registry.ModelRegistry``), kep
     nights    what each night decided, as tags ``tsdae.night.<key>`` on the registered model
 
 Models are found by their model id (tag ``tsdae.model_id``); a night's lineage tags give the parent,
-partitions, commit and gate on the version itself, and ``run_link`` points at the night's tracking run.
+partitions, commit and gate on the version itself, and its source run is the night's tracking run, so the
+MLflow UI links the version and the metrics of the night that trained it (MLflow requires a version's
+files to be inside its run).
 mlflow is an optional extra (``tsdae-ray[mlflow]``): jobs.registry.open_registry imports this module only
 for an ``mlflow://`` URI.
 """
@@ -145,8 +148,9 @@ class MlflowRegistry:
         return self._read_json(mv, MANIFEST) if mv is not None else None
 
     def publish(self, model_id: str, src: Path) -> dict:
-        """Upload every file under the local folder src as a new run's artifacts, then MANIFEST.json, then
-        register them as a version of the registered model, tagged with model_id and src/lineage.json.
+        """Upload every file under the local folder src to model/ of the night's tracking run (named by
+        src/lineage.json; else of a new run), then MANIFEST.json, then register that folder as a version of
+        the registered model, tagged with model_id and the lineage.
 
         A version of model_id with the same files is left as it is. One with other files (a re-run after a
         crash between publish and promote) is deleted first, unless it is production's.
@@ -166,39 +170,38 @@ class MlflowRegistry:
             log.warning("model %s was registered (version %s) but never promoted; registering it again", model_id,
                         existing.version)
             self.client.delete_model_version(self.name, existing.version)
-        experiment = self.client.get_experiment_by_name(f"{self.name}-registry")
-        experiment_id = (experiment.experiment_id if experiment
-                         else self.client.create_experiment(f"{self.name}-registry"))
-        run = self.client.create_run(experiment_id, run_name=model_id, tags={TAG_MODEL_ID: model_id})
+        lineage = json.loads((src / "lineage.json").read_text()) if (src / "lineage.json").exists() else {}
+        run, own_run = self._tracking_run((lineage.get("night") or {}).get("mlflow_run_id")), False
+        if run is None:
+            experiment = self.client.get_experiment_by_name(f"{self.name}-registry")
+            experiment_id = (experiment.experiment_id if experiment
+                             else self.client.create_experiment(f"{self.name}-registry"))
+            run, own_run = self.client.create_run(experiment_id, run_name=model_id, tags={TAG_MODEL_ID: model_id}), True
         run_id = run.info.run_id
         total = sum(e["size"] for e in entries.values())
         log.info("upload %s: %d files, %.1f MB to run %s", model_id, len(entries), total / 1e6, run_id)
         for rel in entries:
-            folder = str(Path(MODEL_DIR, rel).parent.as_posix())
-            self.client.log_artifact(run_id, str(src / rel), folder)
+            self.client.log_artifact(run_id, str(src / rel), Path(MODEL_DIR, rel).parent.as_posix())
         manifest = {"schema_version": SCHEMA_VERSION, "model_id": model_id, "created_at": _now(), "files": entries}
         self.client.log_text(run_id, json.dumps(manifest, indent=2) + "\n", f"{MODEL_DIR}/{MANIFEST}")
-        lineage = json.loads((src / "lineage.json").read_text()) if (src / "lineage.json").exists() else {}
         self._ensure_registered()
-        tracking_run = (lineage.get("night") or {}).get("mlflow_run_id")
         version = self.client.create_model_version(
             self.name, f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
-            tags={TAG_MODEL_ID: model_id, **lineage_tags(lineage)}, run_link=self._run_link(tracking_run),
+            tags={TAG_MODEL_ID: model_id, **lineage_tags(lineage)},
             description=f"{model_id}: TSDAE encoder and decoder with report.json and lineage.json")
-        self.client.set_terminated(run_id)
+        if own_run:
+            self.client.set_terminated(run_id)
         log.info("registered %s as version %s of %s", model_id, version.version, self.name)
         return manifest
 
-    def _run_link(self, run_id: str | None) -> str | None:
-        """The MLflow UI's address of a (tracking) run on this server, or None."""
-        uri = self.tracking_uri
-        if not run_id or not uri.startswith(("http://", "https://")):
+    def _tracking_run(self, run_id: str | None):
+        """The night's tracking run, when it is on this server."""
+        if not run_id:
             return None
         try:
-            experiment_id = self.client.get_run(run_id).info.experiment_id
+            return self.client.get_run(run_id)
         except MlflowException:
             return None
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def fetch(self, model_id: str, dest: str | Path) -> Path:
         """Download model_id's version to the local folder dest, checking every size and checksum against

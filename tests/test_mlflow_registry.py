@@ -128,7 +128,9 @@ def test_two_nights_register_alias_and_reject_a_regression(mlflow_server, name, 
     assert v1.version == "1" and v1.tags["tsdae.model_id"] == first.model_id
     assert v1.tags["tsdae.partitions"] == '["date=2024-01-01"]' and v1.tags["tsdae.git_commit"] == "abc123"
     (night_run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    assert v1.tags["tsdae.mlflow_run_id"] == night_run.info.run_id and night_run.info.run_id in v1.run_link
+    # The version's files are the night's run's model/ folder: the UI links the version and the night's metrics.
+    assert v1.run_id == night_run.info.run_id == v1.tags["tsdae.mlflow_run_id"]
+    assert v1.source.endswith(f"{night_run.info.run_id}/artifacts/model")
     assert night_run.data.tags["tsdae.gate"] == "PROMOTE" and night_run.data.tags["tsdae.registry_version"] == "1"
     assert night_run.data.tags["tsdae.night_status"] == "promoted" and night_run.info.status == "FINISHED"
     assert night_run.data.metrics["sts_after/STS16"] == 20.0 and night_run.data.metrics["gate/delta_avg"] == 10.0
