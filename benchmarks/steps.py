@@ -30,7 +30,7 @@ def make_optimizer(params, lr: float, fused: bool) -> torch.optim.Optimizer:
 
 def ours_step(model, optimizer, bf16: bool = False) -> Step:
     """One batch = one global batch of one rank: the train loop's own step (model may be compiled)."""
-    return lambda b: train_step(model, optimizer, [b], global_labels=b.n_labels, bf16=bf16)
+    return lambda b: train_step(model, optimizer, [b], bf16=bf16)
 
 
 def loss_step(loss_fn: Callable[[Batch], torch.Tensor], optimizer, autocast=None) -> Step:

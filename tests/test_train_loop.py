@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tsdae.device import use_bf16
-from tsdae.train import ScaleConfig, TrainConfig, steps_per_epoch
-from tsdae.train.loop import rank_batches
+from tsdae.train import ScaleConfig, Shape, TrainConfig, steps_per_epoch, training_flops
+from tsdae.train.batch import RankCollate
 from tsdae.train.step import lr_factor, step_seed
 
 
@@ -46,24 +46,26 @@ def test_step_seeds_are_derived_and_distinct():
     assert step_seed(1, 0, 0) != step_seed(0, 0, 0)
 
 
-class _Stream:
-    """Stands in for a Ray DataIterator: iter_batches over an in-memory column."""
-
-    def __init__(self, n):
-        self.rows = np.arange(n)
-
-    def iter_batches(self, batch_size, batch_format, drop_last):
-        stop = len(self.rows) - (len(self.rows) % batch_size if drop_last else 0)
-        for i in range(0, stop, batch_size):
-            yield {"row": self.rows[i:i + batch_size]}
+def _stream_batch(n: int, start: int = 0) -> dict:
+    """A batch as the train loop's iterator hands it to the collate function (numpy columns)."""
+    ids = np.empty(n, dtype=object)
+    ids[:] = [np.array([101, 1000 + start + i, 102], dtype=np.int32) for i in range(n)]
+    return {"noisy_ids": ids, "target_ids": ids.copy(), "epoch": np.array([0] * (n - 1) + [1]),
+            "row_key": np.arange(start, start + n, dtype=np.uint64)}
 
 
 def test_deterministic_ranks_take_disjoint_slices_of_each_global_batch():
-    got = {r: [b["row"].tolist() for b in rank_batches(_Stream(21), 8, r, 2, deterministic=True)] for r in (0, 1)}
-    assert got[0] == [[0, 1, 2, 3], [8, 9, 10, 11]]
-    assert got[1] == [[4, 5, 6, 7], [12, 13, 14, 15]]  # rows 16..20 make no full global batch
-    one = [b["row"].tolist() for b in rank_batches(_Stream(21), 8, 0, 1, deterministic=True)]
-    assert one == [list(range(8)), list(range(8, 16))]
+    shape = Shape(hidden=32, intermediate=64, layers=2, vocab=100)
+    common = dict(world=2, global_batch=8, micro=2, accumulation=2, pad_id=0, shape=shape, first_token_only=True,
+                  pin=False)
+    got = {r: RankCollate(rank=r, deterministic=True, **common)(_stream_batch(8)) for r in (0, 1)}
+    assert [p.noisy_ids[:, 1].tolist() for p in got[0].parts] == [[1000, 1001], [1002, 1003]]
+    assert [p.noisy_ids[:, 1].tolist() for p in got[1].parts] == [[1004, 1005], [1006, 1007]]
+    assert got[1].rows == 4 and got[1].labels == 4 * 2 and got[1].rows_per_epoch == {0: 3, 1: 1}
+    assert got[0].flops == training_flops(shape, [3] * 4, [3] * 4)
+    # Without determinism each rank's batch is already its own share: nothing is sliced away.
+    own = RankCollate(rank=1, deterministic=False, **common)(_stream_batch(4, start=50))
+    assert [p.noisy_ids[:, 1].tolist() for p in own.parts] == [[1050, 1051], [1052, 1053]]
 
 
 def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):

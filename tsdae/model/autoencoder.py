@@ -23,6 +23,7 @@ from tsdae.model.fast.decoder import (
     supports_fast_decoder,
 )
 from tsdae.model.fast.linear import use_fast_linear
+from tsdae.model.packing import Packing
 from tsdae.model.paths import resolve_model_path
 from tsdae.model.pooling import pool
 
@@ -40,6 +41,8 @@ def tsdae_loss(
     *,
     fast: bool = True,
     output_weight: torch.Tensor | None = None,
+    label_rows: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruction loss: the decoder predicts target token t+1 from tokens <= t and the sentence vector.
 
@@ -54,17 +57,21 @@ def tsdae_loss(
     and fast=False, take the plain Hugging Face call (the reference's computation).
     output_weight: the fast path's vocabulary matrix, if not the decoder's own (TSDAE.forward passes it
     through gradient_last).
+    label_rows, labels: where the real labels are and what they are (tsdae.model.packing), computed on the
+    CPU; without them the fast path finds them here, which makes the host wait for the device.
     """
     input_ids_BT = target_ids_BT[:, :-1]
     labels_BT = target_ids_BT[:, 1:]
     mask = None if decoder_attention_mask_BT is None else decoder_attention_mask_BT[:, :-1]
     if fast and supports_fast_decoder(decoder):
-        keep_BT = labels_BT != pad_id
+        if label_rows is None or labels is None:
+            keep_BT = labels_BT != pad_id
+            label_rows, labels = keep_BT.reshape(-1).nonzero().squeeze(1), labels_BT[keep_BT]
         if mask is None:
-            hidden_NH = decoder_label_states(decoder, emb_BH, input_ids_BT, keep_BT)
+            hidden_NH = decoder_label_states(decoder, emb_BH, input_ids_BT, rows=label_rows)
         else:
-            hidden_NH = decoder_hidden_states(decoder, emb_BH, input_ids_BT, mask)[keep_BT]
-        hidden_NH, labels_N = bucket_label_rows(decoder, hidden_NH, labels_BT[keep_BT])
+            hidden_NH = decoder_hidden_states(decoder, emb_BH, input_ids_BT, mask).flatten(0, 1)[label_rows]
+        hidden_NH, labels_N = bucket_label_rows(decoder, hidden_NH, labels)
         logits_NV = label_logits(decoder, hidden_NH, output_weight)
         return F.cross_entropy(logits_NV.float(), labels_N)  # bucket rows: label -100, ignored
     logits_BTV = decoder(
@@ -119,21 +126,29 @@ class TSDAE(nn.Module):
         self.pad_id = pad_id
         self.fast = fast
 
-    def embed(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor,
+              packing: Packing | None = None) -> torch.Tensor:
+        """emb_BH of right-padded noisy input; packing (tsdae.model.packing) spares the fast path a sync."""
         if self.fast and supports_fast_encoder(self.encoder):
+            rows = {} if packing is None else {"token_rows": packing.noisy_rows, "first_rows": packing.first_rows}
             if self.pooling == "cls":  # only the first token's last-layer state is needed
-                return encoder_hidden_states(self.encoder, input_ids_BS, attention_mask_BS, first_token_only=True)
-            hidden_BSH = encoder_hidden_states(self.encoder, input_ids_BS, attention_mask_BS)
+                return encoder_hidden_states(self.encoder, input_ids_BS, attention_mask_BS, first_token_only=True,
+                                             **rows)
+            hidden_BSH = encoder_hidden_states(self.encoder, input_ids_BS, attention_mask_BS, **rows)
         else:
             hidden_BSH = self.encoder(input_ids=input_ids_BS, attention_mask=attention_mask_BS).last_hidden_state
         return pool(hidden_BSH, attention_mask_BS, self.pooling)
 
-    def forward(self, noisy_input_ids, noisy_attention_mask, target_ids):
+    def forward(self, noisy_input_ids, noisy_attention_mask, target_ids, packing: Packing | None = None):
+        """The mean reconstruction loss of a batch. packing: where its real tokens are, computed on the CPU
+        (tsdae.train.batch); without it the fast paths find them on the device (a host sync each)."""
         output_weight = None
         if self.fast and supports_fast_decoder(self.decoder):
             output_weight = gradient_last(self.decoder.get_output_embeddings().weight)
-        emb_BH = self.embed(noisy_input_ids, noisy_attention_mask)
-        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id, fast=self.fast, output_weight=output_weight)
+        emb_BH = self.embed(noisy_input_ids, noisy_attention_mask, packing)
+        labels = {} if packing is None else {"label_rows": packing.label_rows, "labels": packing.labels}
+        return tsdae_loss(self.decoder, emb_BH, target_ids, self.pad_id, fast=self.fast, output_weight=output_weight,
+                          **labels)
 
 
 def tie_decoder_to_encoder(encoder: nn.Module, decoder: nn.Module) -> int:

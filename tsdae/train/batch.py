@@ -2,8 +2,8 @@
 
 Padding is only ever on the right, and this is where that is checked: the TSDAE decoder runs without
 an attention mask (causal self-attention already hides the right padding from every real token).
-Counts the loss needs (labels per micro-batch) are taken here, on the CPU, from the row lengths, so the
-training step never reads them back from the device.
+Everything the step needs to know about where the real tokens are (the packing, the label count) is
+taken here, on the CPU, from the row lengths, so the training step never reads it back from the device.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from tsdae.model import Packing, packing_from_lengths
+from tsdae.train.flops import Shape, training_flops
 
 
 @dataclass(frozen=True)
@@ -21,46 +25,102 @@ class Batch:
 
     noisy_ids: long B×S, the corrupted sentences, right-padded with pad_id; noisy_mask: long B×S, 1 at
     real tokens; target_ids: long B×T, the original sentences, right-padded with pad_id.
+    packing: where the real tokens and labels are (tsdae.model.packing), from the row lengths.
     n_labels: the tokens the reconstruction loss counts (each target row's length − 1).
     """
 
     noisy_ids: torch.Tensor
     noisy_mask: torch.Tensor
     target_ids: torch.Tensor
+    packing: Packing
     n_labels: int
 
     @property
     def rows(self) -> int:
         return self.target_ids.shape[0]
 
+    def _map(self, fn) -> "Batch":
+        return Batch(fn(self.noisy_ids), fn(self.noisy_mask), fn(self.target_ids), Packing(*map(fn, self.packing)),
+                     self.n_labels)
+
+    def pin(self) -> "Batch":
+        """The batch in page-locked host memory, so that a copy to a GPU can run without blocking."""
+        return self._map(torch.Tensor.pin_memory)
+
     def to(self, device: torch.device) -> "Batch":
-        """The same batch on device; host-to-GPU copies go from pinned memory, without blocking."""
-        if device.type != "cuda":
+        """The batch on device; from pinned memory the copies are queued without waiting (non_blocking)."""
+        if device.type == "cpu":
             return self
-        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.noisy_ids), move(self.noisy_mask), move(self.target_ids), self.n_labels)
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
 
 def pad_batch(rows: dict, pad_id: int) -> Batch:
-    """Right-pad the ``noisy_ids`` and ``target_ids`` columns of a batch of rows into a Batch.
+    """Right-pad the ``noisy_ids`` and ``target_ids`` columns of a batch of rows into a Batch, with its
+    packing and label count taken from the row lengths (numpy, on the CPU).
 
     In: one row of token ids per example, in any form Ray hands over: an object array of 1-D int arrays
     (what a list<int32> column becomes with batch_format="numpy", also when all rows have the same
     length), a 2-D int array (a fixed-shape tensor column), a pyarrow list array, or a list of lists.
     Other columns are ignored.
     Raises AssertionError if a row holds pad_id before a real token (left or inner padding); trailing
-    pad_ids in a row are treated as padding.
+    pad_ids in a row are treated as padding. Raises ValueError for an empty noisy row.
     """
     noisy_BS, noisy_mask_BS = _right_pad(rows["noisy_ids"], pad_id, "noisy_ids")
     target_BT, target_mask_BT = _right_pad(rows["target_ids"], pad_id, "target_ids")
-    n_labels = int(np.maximum(target_mask_BT.sum(1) - 1, 0).sum())
-    return Batch(torch.from_numpy(noisy_BS), torch.from_numpy(noisy_mask_BS), torch.from_numpy(target_BT), n_labels)
+    target_lengths = target_mask_BT.sum(1)
+    packing = packing_from_lengths(noisy_mask_BS.sum(1), target_lengths, noisy_BS.shape[1], target_BT.shape[1],
+                                   target_BT)
+    return Batch(torch.from_numpy(noisy_BS), torch.from_numpy(noisy_mask_BS), torch.from_numpy(target_BT), packing,
+                 int(np.maximum(target_lengths - 1, 0).sum()))
 
 
 def micro_batches(rows: dict, micro: int, accumulation: int, pad_id: int) -> list[Batch]:
     """This rank's rows of one global batch (a dict of columns) cut into `accumulation` padded micro-batches."""
     return [pad_batch({k: v[m * micro:(m + 1) * micro] for k, v in rows.items()}, pad_id)
             for m in range(accumulation)]
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    """This rank's rows of one global batch, ready for the step: its micro-batches, and what the loop
+    counts of them (rows, label tokens, counted model FLOPs, rows per epoch), all taken on the CPU."""
+
+    parts: list[Batch]
+    rows: int
+    labels: int
+    flops: int
+    rows_per_epoch: dict[int, int]
+
+
+class RankCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches(collate_fn=RankCollate(...))``: turns one batch of the stream into this rank's
+    RankBatch. Ray calls it in its prefetch threads, so padding, packing, counting and pinning happen
+    while the device trains on the previous batch.
+
+    deterministic: every rank reads the whole stream in global batches and takes rows [r·b, (r+1)·b) of
+    each (b = global_batch / world); otherwise each batch is already this rank's share of b rows.
+    pin: page-lock the tensors (for a CUDA device: the copy to it then does not block).
+    """
+
+    def __init__(self, *, rank: int, world: int, global_batch: int, deterministic: bool, micro: int,
+                 accumulation: int, pad_id: int, shape: Shape, first_token_only: bool, pin: bool):
+        self.rank, self.per_rank, self.deterministic = rank, global_batch // world, deterministic
+        self.micro, self.accumulation, self.pad_id = micro, accumulation, int(pad_id)
+        self.shape, self.first_token_only, self.pin = shape, first_token_only, pin
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> RankBatch:
+        if self.deterministic:
+            start = self.rank * self.per_rank
+            batch = {k: v[start:start + self.per_rank] for k, v in batch.items()}
+        parts = micro_batches(batch, self.micro, self.accumulation, self.pad_id)
+        if self.pin:
+            parts = [p.pin() for p in parts]
+        noisy = [len(x) for x in batch["noisy_ids"]]
+        target = [len(t) for t in batch["target_ids"]]
+        epochs, counts = np.unique(np.asarray(batch["epoch"]), return_counts=True)
+        return RankBatch(parts, len(target), sum(p.n_labels for p in parts),
+                         training_flops(self.shape, noisy, target, first_token_only=self.first_token_only),
+                         {int(e): int(c) for e, c in zip(epochs, counts)})
 
 
 def _right_pad(column, pad_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:

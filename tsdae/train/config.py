@@ -73,6 +73,10 @@ class ScaleConfig(Section):
     the machine's cores). Ray Data only schedules reads and tokenizer actors on CPUs that Ray Train has
     not reserved, so a small machine needs more logical CPUs than cores; torch threads are set per
     worker explicitly, so this does not oversubscribe the matmuls.
+    accelerator_type: with use_gpu, the GPU every worker must have (Ray's accelerator type, e.g. "A10G",
+    "A100", "H100"), so that one run never mixes GPU kinds (the slowest would set every step's pace).
+    ddp_bucket_mb: the size of DDP's gradient buckets; each is all-reduced as soon as its gradients are
+    ready, overlapping the rest of the backward pass (PyTorch's default, 25).
     """
 
     num_workers: int = Field(2, ge=1)
@@ -83,11 +87,15 @@ class ScaleConfig(Section):
     preprocess_actors: int = Field(1, ge=1)
     cpus_per_preprocess_actor: Float = Field(1.0, gt=0)
     local_num_cpus: int | None = Field(None, ge=1)
+    accelerator_type: str | None = None
+    ddp_bucket_mb: int = Field(25, ge=1)
 
     @model_validator(mode="after")
     def _elastic_range(self) -> "ScaleConfig":
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers {self.min_workers} is more than num_workers {self.num_workers}")
+        if self.accelerator_type and not self.use_gpu:
+            raise ValueError("accelerator_type needs use_gpu: true")
         return self
 
     def worker_counts(self) -> list[int]:

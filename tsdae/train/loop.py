@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import fsspec
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -21,9 +20,9 @@ import torch.distributed as dist
 from tsdae.device import use_bf16, use_device
 from tsdae.model import ModelConfig, build_tsdae, retain_freed_memory
 from tsdae.train import checkpoint
-from tsdae.train.batch import micro_batches
+from tsdae.train.batch import RankBatch, RankCollate
 from tsdae.train.config import TrainConfig
-from tsdae.train.flops import Shape, linear_shapes, matmul_peak_flops, training_flops
+from tsdae.train.flops import Shape, linear_shapes, matmul_peak_flops
 from tsdae.train.step import build_optimizer, lr_factor, parameter_digest, step_seed, train_step
 
 # Through logging, not print: Ray Train both tees and logs a worker's print, so each line showed twice.
@@ -46,6 +45,7 @@ class WorkerConfig:
     steps_per_epoch: int
     stop_flag: str | None = None
     validate: bool = False
+    ddp_bucket_mb: int = 25
 
 
 def train_loop_per_worker(cfg: WorkerConfig, step_fn: Callable = train_step) -> None:
@@ -53,7 +53,7 @@ def train_loop_per_worker(cfg: WorkerConfig, step_fn: Callable = train_step) -> 
     ``epoch``). A run restarted by Ray resumes from its last checkpoint and skips the global batches it
     trained; a stop request (or an announced preemption) checkpoints at the next report step and ends
     the run early with ``stopped`` in its metrics. step_fn: the training step (tests wrap it, see
-    tsdae.train.faults)."""
+    tsdae.train.faults). Between reports nothing here reads a value back from the device."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = cfg.train
@@ -71,7 +71,10 @@ def train_loop_per_worker(cfg: WorkerConfig, step_fn: Callable = train_step) -> 
     state = checkpoint.load_state(restored) if restored else None
     if state is not None:
         model.load_state_dict(state["model"])
-    ddp_model = ray.train.torch.prepare_model(model)
+    # Gradients as views of DDP's buckets: no copy into and out of them each step. No static_graph: our
+    # step accumulates micro-batches under no_sync, on which DDP's reducer asserts with a static graph.
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
+        "gradient_as_bucket_view": True, "bucket_cap_mb": cfg.ddp_bucket_mb})
     optimizer = build_optimizer(model, train.lr, train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, train.schedule, train.warmup_steps, total_steps))
@@ -83,26 +86,31 @@ def train_loop_per_worker(cfg: WorkerConfig, step_fn: Callable = train_step) -> 
         if rank == 0:
             log.info("[train] resumed at step %d (data position %s)", step, state["position"])
     model.train()
-    meter = Meter(Shape.of(model.encoder.config), cfg.model.pooling == "cls", total_steps,
-                  matmul_peak_flops(device, torch.bfloat16 if bf16 else torch.float32, n=1024, repeats=2,
-                                    layers=linear_shapes(model)))
+    meter = Meter(total_steps, matmul_peak_flops(device, torch.bfloat16 if bf16 else torch.float32, n=1024,
+                                                 repeats=2, layers=linear_shapes(model)))
 
-    # 2. Train on this rank's rows of each global batch, skipping those trained before a restart.
-    shard = ray.train.get_dataset_shard("train")
+    # 2. Train on this rank's rows of each global batch, skipping those trained before a restart. Ray's
+    # prefetch thread pads, packs, counts and pins the next batch while the device trains. One thread:
+    # with two, batches reached a Ray Train worker out of order (seen in the guard run), which breaks
+    # deterministic mode and exact resume.
+    collate = RankCollate(rank=rank, world=world, global_batch=train.global_batch_size,
+                          deterministic=train.deterministic, micro=micro, accumulation=accumulation,
+                          pad_id=tokenizer.pad_token_id, shape=Shape.of(model.encoder.config),
+                          first_token_only=cfg.model.pooling == "cls", pin=device.type == "cuda")
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=train.global_batch_size if train.deterministic else train.global_batch_size // world,
+        collate_fn=collate, drop_last=True, prefetch_batches=1)
     stopped = False
-    for index, rows in enumerate(rank_batches(shard, train.global_batch_size, rank, world, train.deterministic)):
+    for index, batch in enumerate(batches):
         if index < start_step:
             continue
         if step >= total_steps:
             break
         torch.manual_seed(step_seed(train.seed, rank, step))
-        parts = [b.to(device) for b in micro_batches(rows, micro, accumulation, tokenizer.pad_token_id)]
-        local_labels = sum(b.n_labels for b in parts)
-        global_labels = sum_across_ranks([local_labels], device)[0] if world > 1 else local_labels
-        loss = step_fn(ddp_model, optimizer, parts, global_labels=global_labels, world=world, bf16=bf16,
+        loss = step_fn(ddp_model, optimizer, [part.to(device) for part in batch.parts], world=world, bf16=bf16,
                        max_grad_norm=train.max_grad_norm, scheduler=scheduler)
         step += 1
-        meter.add(loss, rows, local_labels)
+        meter.add(loss, batch)
         # The last step's checkpoint is the final one, written below with the run's records.
         checkpoint_now = bool(train.checkpoint_every) and step % train.checkpoint_every == 0 and step < total_steps
         if step % train.report_every == 0 or checkpoint_now:
@@ -164,9 +172,8 @@ def save_and_report(cfg: WorkerConfig, metrics: dict, save: bool, *, validate: b
 class Meter:
     """Sums over the steps since the last report (losses stay on the device until then) and over the run."""
 
-    def __init__(self, shape: Shape, first_token_only: bool, total_steps: int, peak_flops: float):
-        self.shape, self.first_token_only, self.peak_flops = shape, first_token_only, peak_flops
-        self.total_steps = total_steps
+    def __init__(self, total_steps: int, peak_flops: float):
+        self.total_steps, self.peak_flops = total_steps, peak_flops
         self.history: list[dict] = []
         self.rows_trained = 0
         self.rows_per_epoch: dict[int, int] = {}
@@ -176,17 +183,15 @@ class Meter:
         self.loss, self.steps, self.sentences, self.tokens, self.flops = 0.0, 0, 0, 0, 0
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, rows: dict, labels: int) -> None:
-        n = len(rows["target_ids"])
+    def add(self, loss: torch.Tensor, batch: RankBatch) -> None:
         self.loss += loss  # a tensor: no device sync until the report
         self.steps += 1
-        self.sentences += n
-        self.tokens += labels + n
-        self.flops += training_flops(self.shape, [len(x) for x in rows["noisy_ids"]],
-                                     [len(t) for t in rows["target_ids"]], first_token_only=self.first_token_only)
-        self.rows_trained += n
-        for epoch, count in zip(*np.unique(rows["epoch"], return_counts=True)):
-            self.rows_per_epoch[int(epoch)] = self.rows_per_epoch.get(int(epoch), 0) + int(count)
+        self.sentences += batch.rows
+        self.tokens += batch.labels + batch.rows
+        self.flops += batch.flops
+        self.rows_trained += batch.rows
+        for epoch, count in batch.rows_per_epoch.items():
+            self.rows_per_epoch[epoch] = self.rows_per_epoch.get(epoch, 0) + count
 
     def report(self, step: int, steps_per_epoch: int, lr: float, device, world: int, rank: int) -> dict:
         """The window's metrics summed over ranks (every rank must call it together); starts a new window."""
@@ -204,22 +209,6 @@ class Meter:
                      self.total_steps, metrics["loss"], lr, metrics["sentences_per_s"], metrics["tokens_per_s"], 100 * metrics["mfu"])
         self._reset()
         return metrics
-
-
-def rank_batches(shard, global_batch: int, rank: int, world: int, deterministic: bool):
-    """Yield this rank's rows of every global batch (dicts of numpy columns, global_batch/world rows).
-
-    deterministic: the shard is the whole ordered stream on every rank; rank r takes rows
-    [r·b, (r+1)·b) of each global batch. Otherwise the shard is this rank's equal share of the stream
-    and is cut into batches of b rows. A final incomplete global batch is dropped on every rank, so
-    all ranks run the same number of steps.
-    """
-    per_rank = global_batch // world
-    if deterministic:
-        for batch in shard.iter_batches(batch_size=global_batch, batch_format="numpy", drop_last=True):
-            yield {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
-    else:
-        yield from shard.iter_batches(batch_size=per_rank, batch_format="numpy", drop_last=True)
 
 
 def stop_requested(flag_uri: str | None, device) -> bool:

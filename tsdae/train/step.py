@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from tsdae.device import autocast
@@ -16,34 +17,52 @@ from tsdae.train.batch import Batch
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch], *,
-               global_labels: int, world: int = 1, bf16: bool = False, max_grad_norm: float | None = None,
+               world: int = 1, bf16: bool = False, max_grad_norm: float | None = None,
                scheduler=None) -> torch.Tensor:
     """Forward, backward and update over this rank's micro-batches of one global batch.
 
     model: the TSDAE module, or its DDP wrapper (then gradients are all-reduced once, after the last
-    micro-batch). The loss is the mean over every label token of the global batch: each micro-batch
-    adds its label-sum / global_labels (the global batch's label count over all ranks), and ×world
-    undoes DDP's averaging of gradients over ranks. So 2 ranks × b/2 train what 1 rank × b trains.
-    Returns this rank's share of the global mean loss as a detached tensor on the device (summed over
-    ranks it is the loss); nothing here waits for the device.
+    micro-batch). The loss is the mean over every label token of the global batch, so 2 ranks × b/2
+    train what 1 rank × b trains: each micro-batch's backward takes its label sum (× world, which undoes
+    DDP's average over ranks), and the gradients are divided by the global batch's label count before
+    the update. That count is summed over ranks by one all-reduce launched first, which runs while the
+    micro-batches compute; nothing waits for it before the division (on a GPU not even then: the stream
+    does). No step of this function reads a value back from the device: the micro-batches carry their
+    packing and label counts from the CPU (tsdae.train.batch).
+    Returns this rank's share of the global mean loss as a detached device tensor (summed over ranks it
+    is the loss).
     """
+    device = micro_batches[0].target_ids.device
+    count = torch.full((), float(sum(b.n_labels for b in micro_batches)), dtype=torch.float32, device=device)
+    pending = dist.all_reduce(count, async_op=True) if world > 1 else None
     optimizer.zero_grad(set_to_none=True)
-    total = None
+    label_sum = None
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         defer_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with defer_sync, autocast(batch.target_ids.device, bf16):
-            mean_loss = model(batch.noisy_ids, batch.noisy_mask, batch.target_ids)
-            loss = mean_loss * (batch.n_labels * world / global_labels)
-        loss.backward()
-        share = loss.detach() / world
-        total = share if total is None else total + share
+        with defer_sync, autocast(device, bf16):
+            loss = model(batch.noisy_ids, batch.noisy_mask, batch.target_ids, batch.packing) * batch.n_labels
+        (loss * world).backward()
+        label_sum = loss.detach() if label_sum is None else label_sum + loss.detach()
+    if pending is not None:
+        pending.wait()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    divide_gradients(trainable, count)
     if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return total
+    return label_sum / count
+
+
+def divide_gradients(params: list[nn.Parameter], divisor: torch.Tensor) -> None:
+    """p.grad /= divisor for every parameter with a gradient (one fused kernel over the dense ones)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    torch._foreach_div_([g for g in grads if not g.is_sparse], divisor)
+    for g in grads:
+        if g.is_sparse:
+            g.div_(divisor)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

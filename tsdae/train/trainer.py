@@ -67,13 +67,15 @@ def build_trainer(
         extra["validation_config"] = build_validation_config(eval_cfg, base_model=model.name_or_path,
                                                              pooling=model.pooling)
     worker = WorkerConfig(model=model, train=train, max_length=max_length, threads=max(1, int(scale.cpus_per_worker)),
-                          steps_per_epoch=steps_per_epoch(rows, scale, train), stop_flag=stop_flag, validate=validate)
+                          steps_per_epoch=steps_per_epoch(rows, scale, train), stop_flag=stop_flag, validate=validate,
+                          ddp_bucket_mb=scale.ddp_bucket_mb)
     return TorchTrainer(
         loop,
         train_loop_config=worker,
         scaling_config=ray.train.ScalingConfig(
             num_workers=scale.num_workers if scale.min_workers is None else (scale.min_workers, scale.num_workers),
             use_gpu=scale.use_gpu,
+            accelerator_type=scale.accelerator_type,
             resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(

@@ -120,7 +120,7 @@ def decoder_hidden_states(
     attention_mask_BT: torch.Tensor | None = None,
     *,
     single_key_cross_attention: bool = True,
-    sparse_grad: bool = True,
+    sparse_grad: bool | None = None,
 ) -> torch.Tensor:
     """The decoder body's last hidden states, hidden_BTH, for input_ids_BT cross-attending to emb_BH.
 
@@ -147,19 +147,21 @@ def decoder_hidden_states(
 
 
 def decoder_label_states(decoder: nn.Module, emb_BH: torch.Tensor, input_ids_BT: torch.Tensor,
-                         keep_BT: torch.Tensor, *, sparse_grad: bool = True) -> torch.Tensor:
+                         keep_BT: torch.Tensor | None = None, *, sparse_grad: bool | None = None,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
     """The decoder's last hidden states at the positions keep_BT marks, packed: hidden_NH (row-major order,
     as hidden_BTH[keep_BT]).
 
     keep_BT: the positions whose label is a real token. With right padding they are a prefix of every row
     (the last real input, [SEP], has a padding label), so under causal attention they depend on nothing
     else: every linear layer runs on those N rows only, and only the attention itself sees the padded
-    B×T layout.
+    B×T layout. rows: the same positions as flat indices into B×T (tsdae.model.packing.label_rows),
+    computed on the CPU; given, keep_BT is not needed and nothing here waits for the device.
     """
     bert = decoder.base_model
     x_BTH = bert_embeddings(bert.embeddings, input_ids_BT, sparse_grad)
     B, T, H = x_BTH.shape
-    index_N = keep_BT.reshape(-1).nonzero().squeeze(1)
+    index_N = keep_BT.reshape(-1).nonzero().squeeze(1) if rows is None else rows
     x_NH = x_BTH.reshape(B * T, H).index_select(0, index_N)
     for layer in bert.encoder.layer:
         x_NH = packed_self_attention(layer.attention, x_NH, index_N, B, T, is_causal=True)

@@ -10,9 +10,9 @@ them. Padding positions of the returned hidden states are zero; every pooling ig
 pooling the sentence vector is the first token's state alone, so the last layer computes keys and
 values for every token and everything else for the first token only.
 
-The word embeddings are looked up with sparse gradients (here and in tsdae.model.fast.decoder): the tied
-vocabulary matrix then gets one dense gradient (the LM head's) plus two sparse row updates, instead of
-three dense vocab × hidden gradients that are zero-filled and summed every step.
+On CPU the word embeddings are looked up with sparse gradients (here and in tsdae.model.fast.decoder): the
+tied vocabulary matrix then gets one dense gradient (the LM head's) plus two sparse row updates, instead
+of three dense vocab × hidden gradients that are zero-filled and summed every step (+2% sentences/s).
 
 The weights stay in the Hugging Face modules, read through their public attributes, so tying, DDP,
 checkpoints and export see the same model. Anything but a BERT encoder takes the plain call.
@@ -36,10 +36,19 @@ def supports_fast_encoder(encoder: nn.Module) -> bool:
     )
 
 
-def bert_embeddings(embeddings: nn.Module, input_ids: torch.Tensor, sparse_grad: bool = True) -> torch.Tensor:
-    """BertEmbeddings(input_ids), with the word-embedding lookup's gradient sparse (see the module doc)."""
+def sparse_lookups(device: torch.device) -> bool:
+    """Whether word-embedding lookups take sparse gradients: on CPU, where summing the tied matrix's three
+    gradients densely costs copies of a vocab × hidden matrix every step (see the module doc). Not on GPUs:
+    there the dense sum is one cheap kernel, and DDP's NCCL all-reduce takes dense gradients only."""
+    return device.type == "cpu"
+
+
+def bert_embeddings(embeddings: nn.Module, input_ids: torch.Tensor, sparse_grad: bool | None = None) -> torch.Tensor:
+    """BertEmbeddings(input_ids), the word-embedding lookup's gradient sparse where sparse_grad (None: where
+    sparse_lookups says, by the ids' device)."""
     words = embeddings.word_embeddings
-    inputs_embeds = F.embedding(input_ids, words.weight, words.padding_idx, sparse=sparse_grad)
+    sparse = sparse_lookups(input_ids.device) if sparse_grad is None else sparse_grad
+    inputs_embeds = F.embedding(input_ids, words.weight, words.padding_idx, sparse=sparse)
     return embeddings(inputs_embeds=inputs_embeds)
 
 
@@ -84,23 +93,28 @@ def _packed_layer(layer: nn.Module, x_NH: torch.Tensor, index_N: torch.Tensor, B
 
 
 def encoder_hidden_states(encoder: nn.Module, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor,
-                          *, first_token_only: bool = False, sparse_grad: bool = True) -> torch.Tensor:
+                          *, first_token_only: bool = False, sparse_grad: bool | None = None,
+                          token_rows: torch.Tensor | None = None, first_rows: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """The encoder's last hidden states, hidden_BSH: Hugging Face's at real tokens, zero at padding.
 
     first_token_only: return only each sentence's first-token state, emb_BH (CLS pooling), computing the
     last layer past its keys and values for those tokens alone. Needs every sentence's first position
-    real (right padding); otherwise the full last layer runs. sparse_grad=False: a dense lookup gradient
-    (for comparison).
+    real (right padding); otherwise the full last layer runs.
+    token_rows, first_rows: where the real tokens are (tsdae.model.packing: noisy_rows, first_rows),
+    computed on the CPU; without them they are found here, which makes the host wait for the device.
+    sparse_grad: see bert_embeddings.
     """
     x_BSH = bert_embeddings(encoder.embeddings, input_ids_BS, sparse_grad)
     B, S, H = x_BSH.shape
-    index_N = attention_mask_BS.reshape(-1).nonzero().squeeze(1)
+    index_N = attention_mask_BS.reshape(-1).nonzero().squeeze(1) if token_rows is None else token_rows
     x_NH = x_BSH.reshape(B * S, H).index_select(0, index_N)
     key_mask_B11S = attention_mask_BS.bool()[:, None, None, :]
     layers = list(encoder.encoder.layer)
-    first_rows = None
-    if first_token_only and bool(attention_mask_BS[:, 0].all()):
+    if first_token_only and first_rows is None and bool(attention_mask_BS[:, 0].all()):
         first_rows = (index_N % S == 0).nonzero().squeeze(1)  # index_N is sorted: one row per sentence
+    if not first_token_only:
+        first_rows = None
     for layer in layers[:-1] if first_rows is not None else layers:
         x_NH = _packed_layer(layer, x_NH, index_N, B, S, key_mask_B11S)
     if first_rows is not None:
