@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from conftest import MlflowServer
 from mlflow import MlflowClient
+from test_validation_run import _tiny_run_config
 
 from jobs import stages, tracking
 from jobs.config import parse_config
@@ -154,13 +153,6 @@ def test_a_server_that_dies_mid_run_is_logged_once_and_the_run_goes_on(tiny_bert
 
 
 # -- tier 3: a real run on the local Ray cluster -----------------------------------------------------------
-def _small_dev(folder: Path, n: int) -> str:
-    lines = (ROOT / "data/sts/STSBenchmark/sts-dev.csv").read_text(encoding="utf-8").splitlines()[:n]
-    (folder / "STSBenchmark").mkdir(parents=True, exist_ok=True)
-    (folder / "STSBenchmark" / "sts-dev.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(folder)
-
-
 @pytest.mark.ray
 def test_a_run_logs_params_metrics_validation_and_files(ray_local, mlflow_server, tiny_bert_dir, tmp_path,
                                                        monkeypatch):
@@ -168,19 +160,8 @@ def test_a_run_logs_params_metrics_validation_and_files(ray_local, mlflow_server
     rank 0's metrics at steps 2, 3, 4, 6 (logged live, while training ran), the two validation scores, the
     STS table of report.json and the run's files."""
     ray_local.data.DataContext.get_current().enable_progress_bars = False
-    texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:64]
-    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
-    cfg = parse_config({
-        "name": "tracked", "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "runs"),
-        "read": {"uri": str(tmp_path / "corpus.parquet")},
-        "corrupt": {"max_length": 32},
-        "model": {"name_or_path": tiny_bert_dir},
-        "train": {"global_batch_size": 8, "max_steps": 6, "lr": 1e-3, "report_every": 2, "checkpoint_every": 3,
-                  "keep_checkpoints": 1},
-        "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5},
-        "eval": {"sts_dir": _small_dev(tmp_path / "sts", 200), "tasks": ["STSB-dev"], "batch_size": 64, "num_cpus": 1},
-        "tracking": {"mlflow_uri": mlflow_server.uri, "experiment": "tracked-run"},
-    })
+    cfg = _tiny_run_config(tmp_path, tiny_bert_dir, "tracked", 3,
+                           tracking={"mlflow_uri": mlflow_server.uri, "experiment": "tracked-run"})
     trained_at = []
     train_stage = stages.train_stage
     monkeypatch.setattr(stages, "train_stage", lambda *a: (train_stage(*a), trained_at.append(time.time()))[0])

