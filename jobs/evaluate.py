@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jobs.config import ConfigError, load_config
 from jobs.stages import EXIT_CONFIG, EXIT_EVAL, connect_ray
-from tsdae.eval import (CustomStsConfig, EvalConfig, build_report, evaluate_model, missing_tasks, render_markdown,
+from tsdae.eval import (EvalConfig, build_report, evaluate_model, missing_tasks, render_markdown,
                         write_charts, write_report)
 from tsdae.model import check_model_ref
 
