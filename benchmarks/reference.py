@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
-from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+try:  # sentence-transformers 6
+    from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+except ImportError:  # earlier releases (what a GPU image may bring)
+    from sentence_transformers.losses import DenoisingAutoEncoderLoss
+    from sentence_transformers.models import Pooling, Transformer
 
 from benchmarks.batches import target_mask
 from tsdae.train import Batch

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import multiprocessing
 import traceback
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,9 +20,10 @@ from benchmarks.batches import (collate, consecutive_batches, corrupt_and_tokeni
                                 random_batches, sample_batches, token_counts)
 from benchmarks.reference import build_reference, reference_loss
 from benchmarks.step_breakdown import step_breakdown
-from benchmarks.steps import build_ours, eval_loss, loss_step, make_optimizer, ours_step, run_steps, stsb_test
+from benchmarks.steps import build_ours, loss_step, make_optimizer, ours_step, run_steps
+from tsdae.eval import SentenceEncoder, evaluate_sts, load_task
 from tsdae.model import resolve_model_path, retain_freed_memory
-from tsdae.train import Shape, linear_shapes, matmul_peak_by_library, training_flops
+from tsdae.train import Batch, Shape, linear_shapes, matmul_peak_by_library, training_flops
 
 KINDS = ("ours", "reference", "ours_bf16")
 
@@ -179,3 +181,22 @@ class Remote:
         self.process.join(timeout=60)
         if self.process.is_alive():
             self.process.kill()
+
+
+def eval_loss(loss_fn: Callable[[Batch], torch.Tensor], module, batches: list[Batch]) -> float:
+    """Mean loss over batches in eval mode (no dropout), without gradients."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        value = float(np.mean([loss_fn(b).item() for b in batches]))
+    module.train(was_training)
+    return value
+
+
+def stsb_test(encoder, tokenizer, sts_dir: str) -> float:
+    """Spearman ×100 on STS-B test, CLS pooling."""
+    was_training = encoder.training
+    result = evaluate_sts(SentenceEncoder.from_module(encoder, tokenizer, pooling="cls").encode,
+                          {"STSB-test": load_task(sts_dir, "STSB-test")})
+    encoder.train(was_training)
+    return result["tasks"]["STSB-test"]["all"]

@@ -7,11 +7,9 @@ import contextlib
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from benchmarks.batches import MODEL
-from tsdae.eval import SentenceEncoder, evaluate_sts, load_task
 from tsdae.model import ModelConfig, build_tsdae
 from tsdae.train import Batch, train_step
 
@@ -56,22 +54,3 @@ def run_steps(step: Step, batches: list[Batch], sync=lambda: None) -> tuple[floa
     sync()
     seconds = time.perf_counter() - t0
     return seconds, [float(loss) for loss in losses]
-
-
-def eval_loss(loss_fn: Callable[[Batch], torch.Tensor], module, batches: list[Batch]) -> float:
-    """Mean loss over batches in eval mode (no dropout), without gradients."""
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        value = float(np.mean([loss_fn(b).item() for b in batches]))
-    module.train(was_training)
-    return value
-
-
-def stsb_test(encoder, tokenizer, sts_dir: str) -> float:
-    """Spearman ×100 on STS-B test, CLS pooling."""
-    was_training = encoder.training
-    result = evaluate_sts(SentenceEncoder.from_module(encoder, tokenizer, pooling="cls").encode,
-                          {"STSB-test": load_task(sts_dir, "STSB-test")})
-    encoder.train(was_training)
-    return result["tasks"]["STSB-test"]["all"]

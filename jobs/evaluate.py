@@ -21,7 +21,7 @@ from pathlib import Path
 
 from jobs.config import OVERRIDES_HELP, ConfigError, load_config, parse_overrides
 from jobs.stages import EXIT_CONFIG, EXIT_EVAL, connect_ray
-from tsdae.eval import (CustomStsConfig, EvalConfig, build_report, evaluate_model, missing_tasks, render_markdown,
+from tsdae.eval import (EvalConfig, build_report, evaluate_model, missing_tasks, render_markdown,
                         write_charts, write_report)
 from tsdae.model import check_model_ref
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from benchmarks.allreduce import allreduce_bytes_per_step, per_gpu_batch_for

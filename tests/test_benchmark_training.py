@@ -3,12 +3,16 @@ machine still runs every line of it that is not CUDA-specific)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import batches, training
+from benchmarks import batches, training, training_cpu, training_gpu
 from benchmarks.ablation import VARIANTS, variants
 
 CORPUS = Path(__file__).resolve().parents[1] / batches.CORPUS
@@ -29,14 +33,46 @@ def test_pipeline_order_gives_length_aware_batches_of_the_same_rows(packaged_mod
     assert sorted_padding < 0.05 < 0.3 < random_padding
 
 
-@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/corpus")
-def test_device_path_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    args = training.parse_args(["--device", "cpu", "--steps", "4", "--batch-size", "4", "--chunk", "2",
-                                "--peak-n", "128", "--out", str(tmp_path / "out.json")])
-    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-    result = training.run_device(args, tiny)
-    assert result["ours_tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+GPU_RUN = """
+import json, sys
+sys.modules["ray"] = sys.modules["pyarrow"] = None  # what the GPU machine lacks: importing either fails
+from benchmarks import training
+from benchmarks.training_gpu import run_device
+args = training.parse_args(["--device", "cuda", "--batch-sizes", "8", "64", "--rounds", "2", "--chunk", "2",
+                            "--warmup", "1", "--peak-n", "64"])
+args.device = "cpu"  # every line that is not CUDA-specific, on this machine
+tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+print(json.dumps(run_device(args, tiny)))
+"""
+
+
+def test_gpu_side_runs_without_ray_or_pyarrow_on_a_tiny_model():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", GPU_RUN], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["per_batch_size"]) == {"8", "64"}
+    for per_batch in result["per_batch_size"].values():
+        for side in ("ours", "reference"):
+            assert per_batch[side]["sentences_per_s"] > 0 and per_batch[side]["tokens_per_s"] > 0
+            assert 0 < per_batch[side]["mfu"] < 1
+            # both sides start from equal weights on equal batches: the same first loss (bf16 autocast)
+        assert per_batch["ours"]["first_loss"] == pytest.approx(per_batch["reference"]["first_loss"], rel=0.05)
+        assert per_batch["speedup"] > 0
+    assert result["headline_batch_size"] == 64 and result["mfu"] == result["per_batch_size"]["64"]["ours"]["mfu"]
+    assert result["host_syncs_per_step"] is None  # counted on CUDA only
+
+
+def test_prepared_gpu_tokens_are_what_the_pipeline_gives_today(tmp_path):
+    fresh = training_gpu.prepare_tokens(tmp_path / "tokens.npz")
+    with np.load(training_gpu.TOKENS) as committed, np.load(fresh) as now:
+        assert sorted(committed.files) == sorted(now.files)
+        for name in now.files:
+            assert np.array_equal(committed[name], now[name]), f"{name} changed: rerun python -m benchmarks.training_gpu --prepare"
+    noisy, target, orders = training_gpu.load_tokens(fresh)
+    assert len(noisy) == len(target) == 4000 and sum(map(len, target)) > sum(map(len, noisy))
+    assert all(sorted(o.tolist()) == list(range(4000)) for o in orders.values())
 
 
 @pytest.mark.model
@@ -46,7 +82,7 @@ def test_cpu_comparison_runs_each_side_in_its_own_process_from_equal_weights(tmp
     args = training.parse_args(["--sentences", "32", "--steps", "2", "--chunk", "1", "--eval-sentences", "8",
                                 "--ablation-rounds", "1", "--ablation-steps", "2", "--no-stsb", "--peak-n", "256",
                                 "--breakdown-steps", "2", "--out", str(tmp_path / "out.json")])
-    result = training.run_cpu(args)
+    result = training_cpu.run_cpu(args)
     assert result["initial_loss_ours"] == pytest.approx(result["initial_loss_reference"], abs=1e-4)
     assert result["settings"]["ours_process"].endswith("True")  # our side ran with retain_freed_memory
     assert len(result["speedup_per_chunk"]) == 2

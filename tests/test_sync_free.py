@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from tsdae.model import ModelConfig, build_tsdae, packing_of
 from tsdae.train import Shape, build_optimizer, train_step
-from tsdae.train.batch import RankCollate
+from tsdae.train.collate import RankCollate
 
 ROWS = [[101, 2023, 2003, 1037, 6251, 102], [101, 2460, 102], [101, 1037, 2936, 2028, 2008, 2515, 2307, 102],
         [101, 2054, 2055, 102]]

@@ -8,7 +8,7 @@ import torch
 
 from tsdae.device import use_bf16
 from tsdae.train import ScaleConfig, Shape, TrainConfig, steps_per_epoch, training_flops
-from tsdae.train.batch import RankCollate
+from tsdae.train.collate import RankCollate
 from tsdae.train.step import lr_factor, step_seed
 
 

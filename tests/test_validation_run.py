@@ -5,7 +5,6 @@ marked ray) that validates its checkpoints during training and compares with a p
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -12,15 +12,28 @@ the validation hook that scores checkpoints while the workers train, and FLOP co
     faults      an injected worker crash, for the tests of failure handling
 """
 
-from tsdae.train import checkpoint
+import importlib
+
 from tsdae.train.batch import Batch, micro_batches, pad_batch
 from tsdae.train.config import ScaleConfig, TrainConfig
-from tsdae.train.faults import CrashOnce
 from tsdae.train.flops import Shape, linear_shapes, matmul_peak_by_library, matmul_peak_flops, training_flops
-from tsdae.train.loop import WorkerConfig, train_loop_per_worker
 from tsdae.train.step import build_optimizer, train_step
-from tsdae.train.trainer import build_trainer, steps_per_epoch
-from tsdae.train.validation import VAL_METRIC, Selection, load_validation_history, select_checkpoint, validates
+
+# What needs Ray (or pyarrow) loads on first use, so the step above imports with torch alone: the GPU
+# benchmark runs it on machines that have no Ray.
+_LAZY = {
+    "checkpoint": None, "CrashOnce": "faults", "WorkerConfig": "loop", "train_loop_per_worker": "loop",
+    "build_trainer": "trainer", "steps_per_epoch": "trainer", "VAL_METRIC": "validation", "Selection": "validation",
+    "load_validation_history": "validation", "select_checkpoint": "validation", "validates": "validation",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_LAZY[name] or name}")
+    return module if _LAZY[name] is None else getattr(module, name)
+
 
 __all__ = [
     "VAL_METRIC", "Batch", "CrashOnce", "ScaleConfig", "Selection", "Shape", "TrainConfig", "WorkerConfig", "build_optimizer",

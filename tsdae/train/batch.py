@@ -11,12 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from tsdae.model import Packing, packing_from_lengths
-from tsdae.train.flops import Shape, training_flops
 
 
 @dataclass(frozen=True)
@@ -80,52 +77,9 @@ def micro_batches(rows: dict, micro: int, accumulation: int, pad_id: int) -> lis
             for m in range(accumulation)]
 
 
-@dataclass(frozen=True)
-class RankBatch:
-    """This rank's rows of one global batch, ready for the step: its micro-batches, and what the loop
-    counts of them (rows, label tokens, counted model FLOPs, rows per epoch), all taken on the CPU."""
-
-    parts: list[Batch]
-    rows: int
-    labels: int
-    flops: int
-    rows_per_epoch: dict[int, int]
-
-
-class RankCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches(collate_fn=RankCollate(...))``: turns one batch of the stream into this rank's
-    RankBatch. Ray calls it in its prefetch threads, so padding, packing, counting and pinning happen
-    while the device trains on the previous batch.
-
-    deterministic: every rank reads the whole stream in global batches and takes rows [r·b, (r+1)·b) of
-    each (b = global_batch / world); otherwise each batch is already this rank's share of b rows.
-    pin: page-lock the tensors (for a CUDA device: the copy to it then does not block).
-    """
-
-    def __init__(self, *, rank: int, world: int, global_batch: int, deterministic: bool, micro: int,
-                 accumulation: int, pad_id: int, shape: Shape, first_token_only: bool, pin: bool):
-        self.rank, self.per_rank, self.deterministic = rank, global_batch // world, deterministic
-        self.micro, self.accumulation, self.pad_id = micro, accumulation, int(pad_id)
-        self.shape, self.first_token_only, self.pin = shape, first_token_only, pin
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> RankBatch:
-        if self.deterministic:
-            start = self.rank * self.per_rank
-            batch = {k: v[start:start + self.per_rank] for k, v in batch.items()}
-        parts = micro_batches(batch, self.micro, self.accumulation, self.pad_id)
-        if self.pin:
-            parts = [p.pin() for p in parts]
-        noisy = [len(x) for x in batch["noisy_ids"]]
-        target = [len(t) for t in batch["target_ids"]]
-        epochs, counts = np.unique(np.asarray(batch["epoch"]), return_counts=True)
-        return RankBatch(parts, len(target), sum(p.n_labels for p in parts),
-                         training_flops(self.shape, noisy, target, first_token_only=self.first_token_only),
-                         {int(e): int(c) for e, c in zip(epochs, counts)})
-
-
 def _right_pad(column, pad_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ids -> (ids_BT int64 padded with pad_id on the right, mask_BT int64)."""
-    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+    if not isinstance(column, (np.ndarray, list)) and hasattr(column, "to_numpy"):  # a pyarrow (chunked) array
         column = column.to_numpy(zero_copy_only=False)
     if isinstance(column, np.ndarray) and column.dtype != object:
         if column.ndim != 2:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tsdae.device import use_bf16, use_device
 from tsdae.model import ModelConfig, build_tsdae, retain_freed_memory
 from tsdae.train import checkpoint
-from tsdae.train.batch import RankBatch, RankCollate
+from tsdae.train.collate import RankBatch, RankCollate
 from tsdae.train.config import TrainConfig
 from tsdae.train.flops import Shape, linear_shapes, matmul_peak_flops
 from tsdae.train.step import build_optimizer, lr_factor, parameter_digest, step_seed, train_step
