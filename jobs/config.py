@@ -101,7 +101,8 @@ class RunConfig(Section):
     ray_address: the Ray cluster to join (null: the job's cluster, else a local one).
     """
 
-    name: str = Field("tsdae", min_length=1)
+    # One path component: it names the run's folders and, for a night, its registry model id.
+    name: str = Field("tsdae", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     storage_path: str = "runs/ray"
     output_dir: str = "runs"
     ray_address: str | None = None

@@ -37,7 +37,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from jobs.config import MLFLOW_SCHEME
-from jobs.registry import MANIFEST, SCHEMA_VERSION, RegistryError, _now, install_verified, manifest_entries
+from jobs.registry import (MANIFEST, SCHEMA_VERSION, RegistryError, _now, check_model_id, install_verified,
+                           manifest_entries)
 
 ALIAS = "production"
 MODEL_DIR = "model"
@@ -96,6 +97,7 @@ class MlflowRegistry:
 
     def _version(self, model_id: str):
         """The model version of model_id (the newest, if a re-run registered it again), or None."""
+        check_model_id(model_id)  # it goes into a filter string
         found = self.client.search_model_versions(f"name='{self.name}' and tags.`{TAG_MODEL_ID}`='{model_id}'")
         return max(found, key=lambda v: int(v.version)) if found else None
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -56,6 +57,30 @@ log = logging.getLogger("tsdae")
 
 class RegistryError(RuntimeError):
     """The registry is inconsistent or a model failed verification; production was not changed."""
+
+
+# Model ids and manifest keys come back from storage that others can write to, and become local paths
+# (the model cache, the files of a download) and registry queries: anything that could leave its folder
+# or change a query is refused before it is used.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def check_model_id(model_id: str) -> str:
+    """model_id, if it is one path component of letters, digits, '.', '_', '-' (no '..'); else RegistryError."""
+    if not isinstance(model_id, str) or not _MODEL_ID.fullmatch(model_id) or ".." in model_id:
+        raise RegistryError(f"model id {model_id!r} is not a valid model id (one name of letters, digits, "
+                            f"'.', '_' and '-', not '..'); refusing to use it as a path")
+    return model_id
+
+
+def check_manifest_key(model_id: str, rel: str) -> str:
+    """rel, if it is a relative path inside the model's folder; else RegistryError."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (not parts or rel.startswith("/") or "\\" in rel or ":" in rel
+            or any(part in ("", ".", "..") for part in parts)):
+        raise RegistryError(f"model {model_id}: manifest key {rel!r} is not a relative path inside the model's "
+                            f"folder; refusing to download it")
+    return rel
 
 
 def sha256_file(path: Path) -> str:
@@ -83,6 +108,9 @@ def install_verified(model_id: str, manifest: dict, dest: Path, download: Callab
 
     Downloads into a sibling temp folder and renames it into place, so dest is complete or absent.
     """
+    check_model_id(model_id)
+    for rel in manifest["files"]:
+        check_manifest_key(model_id, rel)
     dest = Path(dest)
     done_marker = dest / MANIFEST
     if done_marker.exists() and json.loads(done_marker.read_text())["files"] == manifest["files"]:
@@ -152,7 +180,7 @@ class Registry:
         return "/".join([self.root, *parts])
 
     def model_uri(self, model_id: str) -> str:
-        return f"{self.uri}/models/{model_id}"
+        return f"{self.uri}/models/{check_model_id(model_id)}"
 
     def read_json(self, *parts: str) -> dict | None:
         """The JSON object at parts, or None if there is none."""
@@ -205,7 +233,7 @@ class Registry:
 
     # -- immutable models ------------------------------------------------------------------------------
     def manifest(self, model_id: str) -> dict | None:
-        return self.read_json("models", model_id, MANIFEST)
+        return self.read_json("models", check_model_id(model_id), MANIFEST)
 
     def publish(self, model_id: str, src: Path) -> dict:
         """Upload every file under the local folder src to models/<model_id>/, then its manifest.
@@ -253,7 +281,7 @@ class Registry:
 
     def lineage(self, model_id: str) -> dict | None:
         """The lineage.json published with a model (None if it has none)."""
-        return self.read_json("models", model_id, "lineage.json")
+        return self.read_json("models", check_model_id(model_id), "lineage.json")
 
     # -- nights ----------------------------------------------------------------------------------------
     def night(self, key: str) -> dict | None:

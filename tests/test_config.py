@@ -136,3 +136,9 @@ def test_a_bad_config_exits_2_naming_the_key_before_ray_starts(tmp_path, change,
     assert key in out.stderr and "Traceback" not in out.stderr
     assert "Started a local Ray instance" not in out.stderr and "=== stage" not in out.stderr
     assert time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "with space", ".hidden"])
+def test_a_run_name_that_is_not_one_path_component_is_refused_by_key(name):
+    with pytest.raises(ConfigError, match="name"):
+        parse_config({"name": name})

@@ -113,3 +113,40 @@ def test_cli_rolls_back_to_a_verified_model(tmp_path, capsys):
     assert pointer["consumed_partitions"] == ["date=one"]  # from m1's own lineage
     assert registry_main([uri, "show"]) == 0
     assert json.loads(capsys.readouterr().out)["model_id"] == "m1"
+
+
+@pytest.mark.parametrize("bad_id", ["..", "../outside", "/etc", "a/b", "a\\b", "", "x'or'1'='1", "m1/.."])
+def test_model_ids_that_are_not_one_name_are_refused_before_any_path_is_used(tmp_path, bad_id):
+    registry = Registry(str(tmp_path / "reg"))
+    for call in (lambda: registry.publish(bad_id, _model_dir(tmp_path / "src")),
+                 lambda: registry.fetch(bad_id, tmp_path / "cache" / "x"),
+                 lambda: registry.promote(bad_id, expected_current=None),
+                 lambda: registry.lineage(bad_id)):
+        with pytest.raises(RegistryError, match="not a valid model id"):
+            call()
+    assert not (tmp_path / "reg").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("bad_key", ["../../outside.txt", "/tmp/abs.txt", "encoder/../../x", "a\\..\\b", "./x", "c:/x"])
+def test_a_manifest_key_outside_the_model_folder_is_refused_and_nothing_is_written(tmp_path, bad_key):
+    registry = Registry(str(tmp_path / "reg"))
+    registry.publish("m1", _model_dir(tmp_path / "src"))
+    manifest_path = tmp_path / "reg" / "models" / "m1" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][bad_key] = {"size": 1, "sha256": "0" * 64}  # someone with write access to the bucket
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(RegistryError, match="not a relative path inside"):
+        registry.fetch("m1", tmp_path / "cache" / "m1")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "outside.txt").exists()
+
+
+def test_a_production_pointer_naming_a_path_is_refused_by_fetch(tmp_path):
+    registry = Registry(str(tmp_path / "reg"))
+    registry.publish("m1", _model_dir(tmp_path / "src"))
+    registry.promote("m1", expected_current=None)
+    pointer_path = tmp_path / "reg" / POINTER
+    pointer = json.loads(pointer_path.read_text()) | {"model_id": "../../victim"}
+    pointer_path.write_text(json.dumps(pointer))
+    parent = registry.production()["model_id"]
+    with pytest.raises(RegistryError, match="not a valid model id"):
+        registry.fetch(parent, tmp_path / "cache" / parent)
