@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,mlflow]"
+	$(PY) -m pip install --quiet -e ".[test,mlflow,cloud]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

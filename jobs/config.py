@@ -188,11 +188,47 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
 
 
+_LOCAL = (None, "file", "local")
+
+
+def filesystem_problem(uri: str) -> str | None:
+    """Why the filesystem of uri cannot be used here (its package is not installed, or no filesystem has
+    that scheme), or None."""
+    protocol = fsspec.core.split_protocol(uri)[0]
+    if protocol in _LOCAL:
+        return None
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        return f"{uri!r} needs a filesystem that is not installed: {e} (s3fs: pip install 'tsdae-ray[cloud]')"
+    except ValueError:
+        return f"{uri!r}: no filesystem is known for {protocol}://"
+    return None
+
+
+def uri_problems(cfg: RunConfig) -> list[str]:
+    """The keys whose URIs cannot be used: a filesystem that is not installed, or a URI where the job
+    reads or writes only local folders (output_dir, eval.sts_dir, nightly.cache_dir: a URI there would
+    become a local folder named after its scheme)."""
+    read = [cfg.read.uri] if isinstance(cfg.read.uri, str) else list(cfg.read.uri)
+    remote = {("read.uri" if len(read) == 1 else f"read.uri[{i}]"): u for i, u in enumerate(read)}
+    remote.update({f"eval.custom_sets[{i}].uri": c.uri for i, c in enumerate(cfg.eval.custom_sets)})
+    local = {"output_dir": cfg.output_dir, "eval.sts_dir": cfg.eval.sts_dir}
+    if cfg.nightly is not None:
+        local["nightly.cache_dir"] = cfg.nightly.cache_dir
+        if not cfg.nightly.registry_uri.startswith(MLFLOW_SCHEME):
+            remote["nightly.registry_uri"] = cfg.nightly.registry_uri
+    problems = [f"{key}: {p}" for key, uri in remote.items() if (p := filesystem_problem(uri))]
+    problems += [f"{key}: {uri!r} must be a local path (this job writes and reads it on the driver's disk)"
+                 for key, uri in local.items() if fsspec.core.split_protocol(uri)[0] not in _LOCAL]
+    return problems
+
+
 def preflight(cfg: RunConfig, source: str = "config") -> None:
     """Check what a config points at before anything starts: every model reference loads, the STS data
     of every task (and the validation task) is there, every custom set exists. Raises ConfigError naming
     the key; a job then exits 2 before Ray starts or any evaluation runs."""
-    problems = []
+    problems = uri_problems(cfg)
     refs = {"model.name_or_path": cfg.model.name_or_path, "model.decoder_name_or_path": cfg.model.decoder_name_or_path,
             "eval.production_model": cfg.eval.production_model}
     for key, ref in refs.items():
@@ -202,10 +238,13 @@ def preflight(cfg: RunConfig, source: str = "config") -> None:
             except FileNotFoundError as e:
                 problems.append(f"{key}: {e}")
     tasks = list(dict.fromkeys([*cfg.eval.tasks, *([cfg.eval.validation_task] if cfg.eval.validation_task else [])]))
-    missing = missing_tasks(cfg.eval.sts_dir, tasks)
+    sts_local = fsspec.core.split_protocol(cfg.eval.sts_dir)[0] in _LOCAL
+    missing = missing_tasks(cfg.eval.sts_dir, tasks) if sts_local else []
     if missing:
         problems.append(f"eval.sts_dir: no data for {missing} under {cfg.eval.sts_dir!r}")
     for i, custom in enumerate(cfg.eval.custom_sets):
+        if filesystem_problem(custom.uri):
+            continue
         fs, path = fsspec.core.url_to_fs(custom.uri)
         if not fs.exists(path):
             problems.append(f"eval.custom_sets[{i}].uri: no file at {custom.uri!r}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import ConfigError, RunConfig, load_config, parse_config
+from jobs.config import ConfigError, RunConfig, load_config, parse_config, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -142,3 +142,24 @@ def test_a_bad_config_exits_2_naming_the_key_before_ray_starts(tmp_path, change,
 def test_a_run_name_that_is_not_one_path_component_is_refused_by_key(name):
     with pytest.raises(ConfigError, match="name"):
         parse_config({"name": name})
+
+
+def test_uris_are_refused_where_the_job_needs_a_local_folder_or_a_missing_filesystem(monkeypatch):
+    cfg = parse_config({"output_dir": "s3://bucket/runs", "eval": {"sts_dir": "gs://bucket/sts"},
+                        "read": {"uri": ["data/corpus/demo.parquet", "nosuchfs://bucket/x.parquet"]}})
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg)
+    message = str(e.value)
+    assert "output_dir: 's3://bucket/runs' must be a local path" in message  # not a local folder named 's3:'
+    assert "eval.sts_dir: 'gs://bucket/sts' must be a local path" in message
+    assert "read.uri[1]: 'nosuchfs://bucket/x.parquet': no filesystem is known for nosuchfs://" in message
+
+    import fsspec
+
+    def not_installed(protocol):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", not_installed)
+    with pytest.raises(ConfigError, match=r"read.uri: 's3://bucket/corpus/' needs a filesystem that is not "
+                                          r"installed: Install s3fs to access S3"):
+        preflight(parse_config({"read": {"uri": "s3://bucket/corpus/"}}))

@@ -97,7 +97,7 @@ def test_raycronjob_manifest_has_the_required_fields():
 def test_cluster_and_image_pin_what_pyproject_pins():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = {}
-    for dep in project["dependencies"]:
+    for dep in project["dependencies"] + project["optional-dependencies"]["cloud"]:
         m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(?:\[[a-z,]+\])?==(\S+)", dep)
         if m:
             wanted[m[1]] = m[2]
