@@ -44,6 +44,7 @@ from jobs.registry import RegistryError, open_registry
 from jobs.stages import start_job
 from pipeline import CorpusError, Partition, list_partitions
 from tsdae.eval import SentenceEncoder, render_markdown, write_report
+from tsdae.storage import StorageError
 
 log = logging.getLogger("tsdae")
 
@@ -140,6 +141,9 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
     except CorpusError as e:
         log.error("bad data: %s", e)
         return NightResult(stages.EXIT_DATA, "failed")
+    except StorageError as e:
+        log.error("%s", e)
+        return NightResult(stages.EXIT_STORAGE, "failed")
     new, replay = select_partitions(partitions, consumed, through, nightly.replay_partitions, nightly.replay_seed)
     log.info("production: %s; %d partitions, %d new through %s: %s; replay: %s", parent or "none (first night)",
              len(partitions), len(new), through, [p.name for p in new], [p.name for p in replay])

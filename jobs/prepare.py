@@ -19,9 +19,10 @@ import sys
 import fsspec
 
 from jobs.config import OVERRIDES_HELP
-from jobs.stages import EXIT_CONFIG, EXIT_DATA, connect_ray, start_job
+from jobs.stages import EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, connect_ray, start_job
 from pipeline import CorpusError, build_train_dataset, corpus_stats, write_prepared
 from tsdae.model import resolve_model_path
+from tsdae.storage import StorageError
 
 log = logging.getLogger("tsdae")
 
@@ -58,6 +59,9 @@ def main(argv=None, prog=None) -> int:
     except CorpusError as e:
         log.error("bad corpus: %s", e)
         return EXIT_DATA
+    except StorageError as e:
+        log.error("%s", e)
+        return EXIT_STORAGE
 
     # 3. Run: stream it into parquet shards.
     write_prepared(dataset, args.output)

@@ -18,12 +18,13 @@ import ray
 from jobs.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight
 # The exit codes live in jobs.exits; the jobs read them from here too, beside the stages that return them.
 from jobs.exits import (EXIT_CONFIG, EXIT_DATA, EXIT_EVAL, EXIT_GATE, EXIT_PROMOTE, EXIT_STOPPED,  # noqa: F401
-                        EXIT_TRAIN)
+                        EXIT_STORAGE, EXIT_TRAIN)
 from jobs.stop import clear_stop, stop_flag_uri, stop_on_sigterm
 from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
 from tsdae.model import resolve_model_path
+from tsdae.storage import StorageError
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
 
@@ -79,6 +80,18 @@ def connect_ray(address: str | None, local_num_cpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
+def storage_failed(error: BaseException) -> bool:
+    """Whether a StorageError is error or in its chain (Ray re-raises a task's error as an instance of its
+    class, or names it in the message of its own)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, StorageError) or "StorageError:" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def read_stage(cfg: RunConfig) -> dict:
     """Validate every corpus file's schema and count the rows that will be trained on."""
     announce("read corpus")
@@ -86,6 +99,8 @@ def read_stage(cfg: RunConfig) -> dict:
         stats = corpus_stats(cfg.read)
     except CorpusError as e:
         raise StageError(EXIT_DATA, f"bad corpus: {e}") from e
+    except StorageError as e:
+        raise StageError(EXIT_STORAGE, str(e)) from e
     for skipped in stats.get("files_skipped", []):
         log.warning("skipped corpus file: %s", skipped)
     log.info("corpus %s: %s", cfg.read.uri, {k: v for k, v in stats.items() if k != "files_skipped"})
@@ -133,6 +148,8 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; the message carries the worker's traceback
+            if storage_failed(e):
+                raise StageError(EXIT_STORAGE, f"training stopped by a storage failure: {e}") from e
             raise StageError(EXIT_TRAIN, f"training failed: {e}") from e
     if result.error or result.checkpoint is None:
         raise StageError(EXIT_TRAIN, f"training failed: {result.error or 'no checkpoint was reported'}")

@@ -27,6 +27,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import ReadConfig
+from tsdae.storage import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,15 @@ def check_corpus(cfg: ReadConfig) -> CorpusFiles:
     return CorpusFiles(good, filesystem, skipped)
 
 
+def _list_files(fs, path: str) -> list[str]:
+    """The data files a file, directory or glob path names (sorted), [] if none."""
+    if any(c in path for c in _GLOB_CHARS):
+        return sorted(p for p in fs.glob(path) if fs.isfile(p))
+    if fs.isdir(path):
+        return sorted(p for p in fs.find(path) if _is_data_file(p[len(path):]))
+    return [path] if fs.isfile(path) else []
+
+
 def list_corpus_files(uri: str | list[str], filters: list[tuple[str, str, str]] = ()
                       ) -> tuple[list[str], pafs.FileSystem]:
     """Expand a file, directory, glob or list of them into parquet file paths, with one filesystem.
@@ -118,14 +128,12 @@ def list_corpus_files(uri: str | list[str], filters: list[tuple[str, str, str]] 
         if fs is not None and one_fs.protocol != fs.protocol:
             raise CorpusError(f"corpus URIs mix filesystems ({fs.protocol} and {one_fs.protocol}): {uris}")
         fs = one_fs
-        if any(c in path for c in _GLOB_CHARS):
-            found = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if _is_data_file(p[len(path):]))
-        elif fs.isfile(path):
-            found = [path]
-        else:
-            found = []
+        try:
+            found = _list_files(fs, path)
+        except Exception as e:
+            if failed := storage_error(one, e):
+                raise failed from e
+            raise
         if not found:
             raise CorpusError(f"no parquet files found at {one!r}")
         found = [p for p in found if _partition_matches(p, filters)]
@@ -160,13 +168,19 @@ class Partition:
 def list_partitions(root_uri: str, key: str) -> list[Partition]:
     """Every ``<key>=<value>`` folder directly under root_uri that holds at least one parquet data file
     (the same files a read of it would take), sorted by value. Raises CorpusError if root_uri is not a
-    folder."""
+    folder, StorageError if the store fails."""
     fs, root = fsspec.core.url_to_fs(root_uri)
     root = root.rstrip("/")
-    if not fs.isdir(root):
+    try:
+        listing = fs.find(root, detail=True) if fs.isdir(root) else None
+    except Exception as e:
+        if failed := storage_error(root_uri, e):
+            raise failed from e
+        raise
+    if listing is None:
         raise CorpusError(f"no partition folder at {root_uri!r}")
     files: dict[str, list[tuple[str, int]]] = {}
-    for path, info in fs.find(root, detail=True).items():
+    for path, info in listing.items():
         relative = path[len(root) + 1:]
         folder, _, inside = relative.partition("/")
         if inside and _is_data_file(inside) and key in partition_values(f"{folder}/x"):
@@ -204,7 +218,11 @@ def validate_schemas(paths: list[str], filesystem: pafs.FileSystem, text_column:
     def check(path: str) -> str | None:
         try:
             schema = pq.read_schema(path, filesystem=filesystem)
-        except (pa.ArrowException, OSError) as e:
+        except Exception as e:
+            if failed := storage_error(path, e):  # never "bad parquet", never skipped
+                raise failed from e
+            if not isinstance(e, (pa.ArrowException, OSError)):
+                raise
             reason = f"not a readable parquet file ({e})"
             if on_bad_file == "fail":
                 raise CorpusError(f"{path}: {reason}") from e
@@ -323,7 +341,11 @@ class _Reader:
                 if self.epoch is not None:
                     block["epoch"] = pa.repeat(pa.scalar(self.epoch, pa.int64()), len(text))
                 yield pa.table(block)
-        except (pa.ArrowException, OSError) as e:
+        except Exception as e:
+            if failed := storage_error(self.path, e):  # skipping would change this run's rows
+                raise failed from e
+            if not isinstance(e, (pa.ArrowException, OSError)):
+                raise
             # The footer was fine at build time; the data pages are not. Rows already yielded stay (the
             # same ones on every read, so noise and counts stay deterministic).
             reason = f"damaged parquet data ({type(e).__name__}: {e})"

@@ -1,4 +1,5 @@
-"""Durable bytes: atomic local writes, and copies out of any pyarrow filesystem (local, S3, GCS)."""
+"""Durable bytes: atomic local writes, copies out of any pyarrow filesystem (local, S3, GCS), and telling
+a failure of the storage itself from bad data."""
 
 from __future__ import annotations
 
@@ -8,6 +9,46 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """The storage failed (credentials, permission, endpoint, network, throttling) after the library's own
+    retries; the data itself may be fine. The message names the URI and the likely cause."""
+
+
+# Exception types and message fragments that mean "the store failed", not "the bytes are bad". pyarrow
+# reports both kinds as OSError (its IOError status), so the message decides where the type cannot.
+_STORAGE_TYPES = (PermissionError, ConnectionError, TimeoutError)
+_STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "google.api_core", "aiohttp")
+_CAUSES = {
+    "credentials": ("credential", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken",
+                    "security token", "unable to locate"),
+    "permission": ("access denied", "accessdenied", "forbidden", "permission denied", "not authorized"),
+    "endpoint or network": ("connection", "connect timeout", "timed out", "could not resolve", "curlcode",
+                            "name or service not known", "endpoint", "network"),
+    "throttling": ("slowdown", "slow down", "throttl", "too many requests", "service unavailable",
+                   "503", "429"),
+    "missing bucket": ("nosuchbucket", "no such bucket", "bucket does not exist"),
+}
+
+
+def storage_cause(error: BaseException) -> str | None:
+    """The likely cause if error is a failure of the storage rather than of the data, else None."""
+    text = f"{type(error).__name__}: {error}".lower()
+    for cause, fragments in _CAUSES.items():
+        if any(f in text for f in fragments):
+            return cause
+    if isinstance(error, _STORAGE_TYPES) or type(error).__module__.startswith(_STORAGE_MODULES):
+        return "storage"
+    return None
+
+
+def storage_error(uri: str, error: BaseException) -> StorageError | None:
+    """A StorageError naming uri and the likely cause if error is a storage failure, else None."""
+    cause = storage_cause(error)
+    if cause is None:
+        return None
+    return StorageError(f"{uri}: storage failure ({cause}): {type(error).__name__}: {error}")
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

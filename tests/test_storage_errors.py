@@ -1,0 +1,92 @@
+"""A failing store is a storage failure (exit 8, the URI and the likely cause named), never "bad corpus"
+and never a file skipped by on_bad_file: skip (that would change the run's rows)."""
+
+from __future__ import annotations
+
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import stages
+from jobs.config import parse_config
+from jobs.exits import EXIT_DATA, EXIT_STORAGE
+from pipeline import CorpusError
+from pipeline import read as corpus_read
+from tsdae.storage import StorageError, storage_cause
+
+
+@pytest.mark.parametrize("error, cause", [
+    (PermissionError("Access Denied"), "permission"),
+    (OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"), "permission"),
+    (OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect"),
+     "endpoint or network"),
+    (OSError("When reading information for key 'x': AWS Error SLOW_DOWN (HTTP status 503)"), "throttling"),
+    (OSError("Unable to locate credentials"), "credentials"),
+    (FileNotFoundError("The specified bucket does not exist: NoSuchBucket"), "missing bucket"),
+    (ConnectionResetError("reset by peer"), "endpoint or network"),
+    (pa.ArrowInvalid("Parquet magic bytes not found in footer. Either the file is corrupted or this is not a "
+                     "parquet file."), None),
+    (OSError("Couldn't deserialize thrift: TProtocolException: Invalid data"), None),
+    (OSError("Corrupt snappy compressed data."), None),
+])
+def test_storage_failures_are_told_from_bad_bytes(error, cause):
+    assert storage_cause(error) == cause
+
+
+@pytest.mark.parametrize("on_bad_file", ["fail", "skip"])
+def test_a_denied_footer_read_is_a_storage_error_even_with_skip(tmp_path, monkeypatch, on_bad_file):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["one", "two"]}), path)
+
+    def denied(*args, **kwargs):
+        raise OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+
+    monkeypatch.setattr(corpus_read.pq, "read_schema", denied)
+    with pytest.raises(StorageError, match=r"a\.parquet: storage failure \(permission\)"):
+        corpus_read.validate_schemas([str(path)], pa.fs.LocalFileSystem(), "text", on_bad_file)
+
+
+def test_a_damaged_footer_is_still_bad_data(tmp_path):
+    path = tmp_path / "a.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(CorpusError, match="not a readable parquet file"):
+        corpus_read.validate_schemas([str(path)], pa.fs.LocalFileSystem(), "text", "fail")
+    assert corpus_read.validate_schemas([str(path)], pa.fs.LocalFileSystem(), "text", "skip")[0] == []
+
+
+def test_an_unreachable_s3_endpoint_is_a_storage_error_naming_the_uri(monkeypatch):
+    with socket.socket() as s:  # a port with nothing listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(StorageError, match=r"s3://corpus-bucket/days/: storage failure \(endpoint or network\)"):
+        corpus_read.list_corpus_files("s3://corpus-bucket/days/")
+
+
+def test_the_read_stage_exits_with_the_storage_code(monkeypatch):
+    cfg = parse_config({"read": {"uri": "s3://corpus-bucket/days/"}})
+
+    def failing(read_cfg):
+        raise StorageError("s3://corpus-bucket/days/: storage failure (credentials): NoCredentialsError")
+
+    monkeypatch.setattr(stages, "corpus_stats", failing)
+    with pytest.raises(stages.StageError) as e:
+        stages.read_stage(cfg)
+    assert e.value.exit_code == EXIT_STORAGE != EXIT_DATA and "s3://corpus-bucket/days/" in str(e.value)
+
+
+def test_a_storage_error_inside_a_wrapped_training_failure_is_found():
+    try:
+        try:
+            raise StorageError("s3://b/x.parquet: storage failure (throttling): SlowDown")
+        except StorageError as inner:
+            raise RuntimeError("Training failed due to worker errors") from inner
+    except RuntimeError as outer:
+        assert stages.storage_failed(outer)
+    assert stages.storage_failed(RuntimeError("worker traceback ...\ntsdae.storage.StorageError: s3://b: ..."))
+    assert not stages.storage_failed(RuntimeError("CUDA out of memory"))
