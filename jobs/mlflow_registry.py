@@ -126,7 +126,7 @@ class MlflowRegistry:
         """Move the production alias to model_id's version (registered, so complete). The last write.
 
         expected_current: the production model_id the caller started from; a production that moved in
-        between is refused (a check, not a lock, as in the storage registry).
+        between is refused (a check, not a lock: MLflow has no conditional alias update).
         fields: extra JSON fields for the pointer (consumed partitions, metrics).
         """
         mv = self._version(model_id)

@@ -28,6 +28,9 @@ same guarantees (``ModelRegistry``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -214,22 +217,64 @@ class Registry:
         """Point production at a complete model (its manifest exists). The last write of a promotion.
 
         expected_current: the production model_id the caller started from; if another promotion
-        happened in between, refuse rather than overwrite it (a check, not a lock: two writers racing
-        on the same second can still both pass it; run one nightly job at a time).
+        happened in between, refuse rather than overwrite it. The check and the write are one step: on
+        S3 a conditional PUT on the ETag that was read (If-Match; If-None-Match: * for the first
+        promotion), on local paths an OS file lock around both, so of two promotions racing from the
+        same production exactly one wins. (Other object stores: a check, then the write.)
         fields: extra JSON fields for the pointer (consumed partitions, metrics).
         """
         if self.manifest(model_id) is None:
             raise RegistryError(f"model {model_id} has no {MANIFEST}: it was never completely written")
-        current = self.production()
-        current_id = current["model_id"] if current else None
-        if current_id != expected_current:
-            raise RegistryError(f"production moved from {expected_current} to {current_id} while this job ran")
-        pointer = {"schema_version": SCHEMA_VERSION, "model_id": model_id,
-                   "model_uri": self.model_uri(model_id), "promoted_at": _now(),
-                   "previous_model_id": current_id, **fields}
-        self.write_json(pointer, POINTER)
+        with self._pointer_swap() as (current, commit):
+            current_id = current["model_id"] if current else None
+            if current_id != expected_current:
+                raise RegistryError(f"production moved from {expected_current} to {current_id} while this job ran")
+            pointer = {"schema_version": SCHEMA_VERSION, "model_id": model_id,
+                       "model_uri": self.model_uri(model_id), "promoted_at": _now(),
+                       "previous_model_id": current_id, **fields}
+            commit(pointer)
         log.info("production → %s (was %s)", model_id, current_id)
         return pointer
+
+    @contextlib.contextmanager
+    def _pointer_swap(self):
+        """(the production pointer, commit(new pointer)): commit writes only if the pointer read is still
+        the stored one, else RegistryError."""
+        path = self._path(POINTER)
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(f"{path}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                yield self.production(), lambda pointer: self.write_json(pointer, POINTER)
+            return
+        if "s3" not in ({self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)):
+            yield self.production(), lambda pointer: self.write_json(pointer, POINTER)
+            return
+        try:
+            with self.fs.open(path, "rb") as f:  # s3fs reads every range of it If-Match this ETag
+                etag, data = f.details["ETag"], f.read()
+            current = json.loads(data)
+        except FileNotFoundError:
+            etag, current = None, None
+        if current is not None and current.get("schema_version") != SCHEMA_VERSION:
+            raise RegistryError(f"{self.uri}/{POINTER}: schema_version {current.get('schema_version')!r}, "
+                                f"expected {SCHEMA_VERSION}")
+
+        def commit(pointer: dict) -> None:
+            data = (json.dumps(pointer, indent=2, allow_nan=False) + "\n").encode()
+            try:
+                if etag is None:
+                    self.fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+                else:
+                    self.fs.pipe_file(path, data, IfMatch=etag)
+            except (FileExistsError, OSError) as e:
+                # s3fs: FileExistsError for If-None-Match, EINVAL ("pre-conditions ... did not hold") for If-Match
+                if isinstance(e, FileExistsError) or e.errno == errno.EINVAL:
+                    raise RegistryError(f"{self.uri}/{POINTER} changed while this promotion was being written "
+                                        f"(another promotion won); production is the other one") from e
+                raise
+
+        yield current, commit
 
     # -- immutable models ------------------------------------------------------------------------------
     def manifest(self, model_id: str) -> dict | None:

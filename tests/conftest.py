@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny random BERT (built from a config and the shipped vocabulary), the packaged
-all-MiniLM-L6-v2, one local Ray cluster per test session, and a real MLflow server."""
+all-MiniLM-L6-v2, one local Ray cluster per test session, a real MLflow server and a real S3 server."""
 
 from __future__ import annotations
 
@@ -146,3 +146,57 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
+
+
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1 with a free port (it honours If-Match and If-None-Match: *
+    on PutObject). Stopped by its process group."""
+
+    def __init__(self, folder: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.log = folder / "moto.log"
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60  # a bound for a failed start, not a timing assertion
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start:\n{self.log.read_text()[-3000:]}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket on the S3 server, with the environment pyarrow, s3fs and boto read pointed at it;
+    returns its s3:// URI."""
+    import boto3
+    import fsspec
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    name = "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=name)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # no client with an older environment
+    return f"s3://{name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -150,3 +151,65 @@ def test_a_production_pointer_naming_a_path_is_refused_by_fetch(tmp_path):
     parent = registry.production()["model_id"]
     with pytest.raises(RegistryError, match="not a valid model id"):
         registry.fetch(parent, tmp_path / "cache" / parent)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_promotions_from_the_same_production_exactly_one_wins(tmp_path, where, request):
+    uri = str(tmp_path / "reg") if where == "local" else request.getfixturevalue("s3_bucket") + "/registry"
+    first, second = Registry(uri), Registry(uri)
+    first.publish("m0", _model_dir(tmp_path / "s0", "zero"))
+    first.promote("m0", expected_current=None)
+    for i in (1, 2):
+        first.publish(f"m{i}", _model_dir(tmp_path / f"s{i}", str(i)))
+    if where == "local":
+        # The lock makes check and write one step: run the second promotion while the first holds it.
+        import threading
+
+        entered, release, outcome = threading.Event(), threading.Event(), {}
+        real = Registry._pointer_swap
+
+        @contextlib.contextmanager
+        def slow_swap(self):
+            with real(self) as (current, commit):
+                if self is first:
+                    entered.set()
+                    release.wait(5)
+                yield current, commit
+
+        def second_job():
+            entered.wait(5)
+            try:
+                second.promote("m2", expected_current="m0")
+                outcome["second"] = "promoted"
+            except RegistryError as e:
+                outcome["second"] = str(e)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Registry, "_pointer_swap", slow_swap)
+            t = threading.Thread(target=second_job)
+            t.start()
+            first.promote("m1", expected_current="m0")
+            release.set()
+            t.join(10)
+        assert "production moved from m0 to m1" in outcome["second"]
+    else:
+        # S3: the second job has read production (m0) with its ETag when the first job's write lands.
+        with second._pointer_swap() as (current, commit):
+            assert current["model_id"] == "m0"
+            first.promote("m1", expected_current="m0")
+            with pytest.raises(RegistryError, match="changed while this promotion was being written"):
+                commit({"schema_version": 1, "model_id": "m2"})
+    assert first.production()["model_id"] == "m1"  # moved once, by the winner
+
+
+def test_the_first_promotion_on_s3_is_a_create_only_write(s3_bucket, tmp_path):
+    first, second = Registry(f"{s3_bucket}/registry"), Registry(f"{s3_bucket}/registry")
+    first.publish("m1", _model_dir(tmp_path / "s1", "1"))
+    with second._pointer_swap() as (current, commit):
+        assert current is None
+        first.promote("m1", expected_current=None)
+        with pytest.raises(RegistryError, match="another promotion won"):
+            commit({"schema_version": 1, "model_id": "m2"})
+    assert second.production()["model_id"] == "m1"
+    local = second.fetch("m1", tmp_path / "cache" / "m1")  # and the model round-trips through the bucket
+    assert (local / "encoder" / "model.safetensors").read_text() == "1"

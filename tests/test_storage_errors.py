@@ -64,6 +64,9 @@ def test_an_unreachable_s3_endpoint_is_a_storage_error_naming_the_uri(monkeypatc
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import fsspec
+
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # a client made for another endpoint is cached
     with pytest.raises(StorageError, match=r"s3://corpus-bucket/days/: storage failure \(endpoint or network\)"):
         corpus_read.list_corpus_files("s3://corpus-bucket/days/")
 
