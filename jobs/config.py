@@ -74,6 +74,9 @@ class NightlyConfig(Section):
     replay_partitions: how many already-seen partitions to mix in, drawn per night from
     (replay_seed, night).
     cache_dir: local folder the production model is downloaded to for the warm start.
+    lease_ttl_s: a night holds a lease (<storage_path>/leases/<model id>.json) while it runs, renewed every
+    third of this; a second submission of the same night stops, naming the holder. A night that crashed
+    blocks a re-submission for at most this long.
     """
 
     registry_uri: str = Field("runs/registry", min_length=1)
@@ -81,6 +84,7 @@ class NightlyConfig(Section):
     replay_partitions: int = Field(0, ge=0)
     replay_seed: int = 0
     cache_dir: str = "runs/model-cache"
+    lease_ttl_s: float = Field(1800, ge=10)
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")
@@ -216,6 +220,7 @@ def uri_problems(cfg: RunConfig) -> list[str]:
     local = {"output_dir": cfg.output_dir, "eval.sts_dir": cfg.eval.sts_dir}
     if cfg.nightly is not None:
         local["nightly.cache_dir"] = cfg.nightly.cache_dir
+        remote["storage_path"] = cfg.storage_path  # the night's lease is written there through fsspec
         if not cfg.nightly.registry_uri.startswith(MLFLOW_SCHEME):
             remote["nightly.registry_uri"] = cfg.nightly.registry_uri
     problems = [f"{key}: {p}" for key, uri in remote.items() if (p := filesystem_problem(uri))]

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -39,6 +40,7 @@ from jobs import stages, tracking
 from jobs.config import OVERRIDES_HELP, ConfigError
 from jobs.exits import EXIT_CONFIG, EXIT_GATE, EXIT_OK, EXIT_PROMOTE
 from jobs.gate import decide, gated_tasks, summarize
+from jobs.lease import Lease, holder_name
 from jobs.lineage import build_lineage, git_info, package_versions
 from jobs.registry import RegistryError, open_registry
 from jobs.stages import start_job
@@ -120,7 +122,7 @@ def verify_loads(encoder_dir: Path, pooling: str) -> None:
 @dataclass
 class NightResult:
     exit_code: int
-    status: str  # promoted | rejected | nothing-new | already-done | failed
+    status: str  # promoted | rejected | nothing-new | already-done | held | failed
     model_id: str | None = None
     report: dict | None = None
     decision: dict | None = None
@@ -152,10 +154,30 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
         return NightResult(EXIT_OK, "nothing-new", parent)
     key = idempotency_key(parent, new, replay, cfg)
     model_id = f"{cfg.name}-{through:%Y%m%d}-{key[:10]}"  # also the Ray Train run name
-    done = registry.night(key)
-    if done is not None:
-        log.info("night %s already ran (key %s): %s; nothing to do", model_id, key[:10], done["status"])
-        return NightResult(done["exit_code"], "already-done", done.get("model_id"), decision=done.get("decision"))
+    # One submission of a night at a time (jobs.lease): another one stops here, naming the holder.
+    lease = Lease(f"{cfg.storage_path.rstrip('/')}/leases/{model_id}.json", holder_name(), nightly.lease_ttl_s)
+    held = lease.acquire()
+    if held is not None:
+        log.info("night %s is being run by %s (lease until %s UTC); this submission stops", model_id, held["holder"],
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held["expires_at"])))
+        return NightResult(EXIT_OK, "held", model_id)
+    try:
+        with lease.renewing():
+            done = registry.night(key)
+            if done is not None:
+                log.info("night %s already ran (key %s): %s; nothing to do", model_id, key[:10], done["status"])
+                return NightResult(done["exit_code"], "already-done", done.get("model_id"),
+                                   decision=done.get("decision"))
+            return train_night(cfg, registry, parent, consumed, new, replay, key, model_id, through, config_label,
+                               git_commit)
+    finally:
+        lease.release()
+
+
+def train_night(cfg, registry, parent, consumed, new, replay, key, model_id, through, config_label,
+                git_commit) -> NightResult:
+    """Steps 2-5 of a night, under its lease: warm start, train and evaluate, gate, promote."""
+    nightly = cfg.nightly
 
     # 2. Warm start: production's model, downloaded and checksum-verified, else the config's base model.
     stages.announce("warm start")

@@ -385,3 +385,27 @@ def test_three_nights_promote_hold_and_reject_a_regression(ray_local, tmp_path, 
     assert lineage["data"]["corpus"]["rows_kept"] == 96  # day 2 and day 1 replayed
     # production's score on night 3 is night 2's candidate score, re-measured: the same model, same suite
     assert three.report["before"]["tasks"]["STS16"]["all"] == pytest.approx(two.report["after"]["tasks"]["STS16"]["all"])
+
+
+def test_a_second_submission_of_a_night_stops_naming_the_holder(tmp_path, tiny_bert_dir, texts, monkeypatch, caplog):
+    """Before any training: the night's lease is held by another submission, so this one exits 0 with
+    status "held", and neither Ray nor the registry is touched."""
+    from jobs.lease import Lease
+
+    _add_day(tmp_path / "corpus", DAYS[0], texts[:48])
+    cfg = _config(tmp_path, tiny_bert_dir)
+    seen = {}
+    real_acquire = Lease.acquire
+
+    def someone_else_holds_it(self):
+        seen["uri"] = self.uri
+        assert real_acquire(Lease(self.uri, "raysubmit_other@head:1:abc", ttl_s=600)) is None  # the other submission
+        return real_acquire(self)
+
+    monkeypatch.setattr(Lease, "acquire", someone_else_holds_it)
+    monkeypatch.setattr(nightly.stages, "connect_ray", lambda *a: pytest.fail("a held night must not start Ray"))
+    result = nightly.run_night(cfg, date.fromisoformat(DAYS[0]), "test")
+    assert result.exit_code == 0 and result.status == "held"
+    assert "is being run by raysubmit_other@head:1:abc" in caplog.text
+    assert seen["uri"].startswith(str(tmp_path / "ray" / "leases"))
+    assert not (tmp_path / "registry" / POINTER).exists()
