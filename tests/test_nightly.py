@@ -392,6 +392,7 @@ def test_a_second_submission_of_a_night_stops_naming_the_holder(tmp_path, tiny_b
     status "held", and neither Ray nor the registry is touched."""
     from jobs.lease import Lease
 
+    caplog.set_level("INFO", logger="tsdae")
     _add_day(tmp_path / "corpus", DAYS[0], texts[:48])
     cfg = _config(tmp_path, tiny_bert_dir)
     seen = {}
