@@ -25,6 +25,9 @@ def test_overrides_are_read_as_yaml_values_and_validated_like_the_file(tmp_path)
                          "train.max_steps": None, "eval.tasks": ["STS16", "STSB-test"], "name": "a=b"}
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  global_batch_size: 16\nnightly:\n")
+    with pytest.raises(ConfigError, match="name"):  # split at the first '=', then validated: not one path name
+        load_config(path, overrides)
+    overrides["name"] = "a.b-c"
     cfg = load_config(path, {**overrides, "nightly.gate.tolerance": 0.5})  # `nightly:` is null in the file
     assert (cfg.train.lr, cfg.scale.num_workers, cfg.train.deterministic) == (1e-4, 4, True)
     assert cfg.eval.tasks == ["STS16", "STSB-test"] and cfg.nightly.gate.tolerance == 0.5
