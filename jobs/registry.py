@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -48,12 +46,11 @@ import fsspec
 
 from jobs.config import MLFLOW_SCHEME
 from jobs.exits import EXIT_CONFIG, EXIT_PROMOTE
-from tsdae.storage import write_atomic
+from tsdae.storage import Conflict, compare_and_swap, is_local, write_atomic
 
 SCHEMA_VERSION = 1
 POINTER = "production.json"
 MANIFEST = "MANIFEST.json"
-_LOCAL_PROTOCOLS = {"file", "local"}
 
 log = logging.getLogger("tsdae")
 
@@ -84,6 +81,10 @@ def check_manifest_key(model_id: str, rel: str) -> str:
         raise RegistryError(f"model {model_id}: manifest key {rel!r} is not a relative path inside the model's "
                             f"folder; refusing to download it")
     return rel
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
 
 
 def sha256_file(path: Path) -> str:
@@ -175,8 +176,7 @@ class Registry:
         self.uri = uri.rstrip("/")
         self.fs, root = fsspec.core.url_to_fs(uri)
         self.root = root.rstrip("/")
-        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
-        self.local = bool(protocols & _LOCAL_PROTOCOLS)
+        self.local = is_local(self.fs)
 
     # -- paths and small JSON objects ------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -196,7 +196,7 @@ class Registry:
 
     def write_json(self, obj: dict, *parts: str) -> None:
         """Write a JSON object so that readers see the old or the new one, never a partial write."""
-        data = (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
+        data = _json_bytes(obj)
         path = self._path(*parts)
         if not self.local:
             self.fs.pipe_file(path, data)  # one PUT: atomic per object on S3 and GCS
@@ -207,7 +207,9 @@ class Registry:
     # -- the pointer -----------------------------------------------------------------------------------
     def production(self) -> dict | None:
         """The production pointer, or None before the first promotion."""
-        pointer = self.read_json(POINTER)
+        return self._checked(self.read_json(POINTER))
+
+    def _checked(self, pointer: dict | None) -> dict | None:
         if pointer is not None and pointer.get("schema_version") != SCHEMA_VERSION:
             raise RegistryError(f"{self.uri}/{POINTER}: schema_version {pointer.get('schema_version')!r}, "
                                 f"expected {SCHEMA_VERSION}")
@@ -238,43 +240,17 @@ class Registry:
 
     @contextlib.contextmanager
     def _pointer_swap(self):
-        """(the production pointer, commit(new pointer)): commit writes only if the pointer read is still
-        the stored one, else RegistryError."""
-        path = self._path(POINTER)
-        if self.local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(f"{path}.lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-                yield self.production(), lambda pointer: self.write_json(pointer, POINTER)
-            return
-        if "s3" not in ({self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)):
-            yield self.production(), lambda pointer: self.write_json(pointer, POINTER)
-            return
-        try:
-            with self.fs.open(path, "rb") as f:  # s3fs reads every range of it If-Match this ETag
-                etag, data = f.details["ETag"], f.read()
-            current = json.loads(data)
-        except FileNotFoundError:
-            etag, current = None, None
-        if current is not None and current.get("schema_version") != SCHEMA_VERSION:
-            raise RegistryError(f"{self.uri}/{POINTER}: schema_version {current.get('schema_version')!r}, "
-                                f"expected {SCHEMA_VERSION}")
-
-        def commit(pointer: dict) -> None:
-            data = (json.dumps(pointer, indent=2, allow_nan=False) + "\n").encode()
-            try:
-                if etag is None:
-                    self.fs.pipe_file(path, data, mode="create")  # If-None-Match: *
-                else:
-                    self.fs.pipe_file(path, data, IfMatch=etag)
-            except (FileExistsError, OSError) as e:
-                # s3fs: FileExistsError for If-None-Match, EINVAL ("pre-conditions ... did not hold") for If-Match
-                if isinstance(e, FileExistsError) or e.errno == errno.EINVAL:
+        """(the production pointer, commit(new pointer)) as one compare-and-swap (tsdae.storage): commit
+        raises RegistryError if another promotion wrote the pointer in between."""
+        with compare_and_swap(self.fs, self._path(POINTER)) as (data, write):
+            def commit(pointer: dict) -> None:
+                try:
+                    write(_json_bytes(pointer))
+                except Conflict as e:
                     raise RegistryError(f"{self.uri}/{POINTER} changed while this promotion was being written "
                                         f"(another promotion won); production is the other one") from e
-                raise
 
-        yield current, commit
+            yield self._checked(json.loads(data) if data else None), commit
 
     # -- immutable models ------------------------------------------------------------------------------
     def manifest(self, model_id: str) -> dict | None:

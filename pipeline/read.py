@@ -27,7 +27,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import ReadConfig
-from tsdae.storage import storage_error
+from tsdae.storage import storage_error, storage_failures
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,8 @@ def list_corpus_files(uri: str | list[str], filters: list[tuple[str, str, str]] 
         if fs is not None and one_fs.protocol != fs.protocol:
             raise CorpusError(f"corpus URIs mix filesystems ({fs.protocol} and {one_fs.protocol}): {uris}")
         fs = one_fs
-        try:
+        with storage_failures(one):
             found = _list_files(fs, path)
-        except Exception as e:
-            if failed := storage_error(one, e):
-                raise failed from e
-            raise
         if not found:
             raise CorpusError(f"no parquet files found at {one!r}")
         found = [p for p in found if _partition_matches(p, filters)]
@@ -171,12 +167,8 @@ def list_partitions(root_uri: str, key: str) -> list[Partition]:
     folder, StorageError if the store fails."""
     fs, root = fsspec.core.url_to_fs(root_uri)
     root = root.rstrip("/")
-    try:
+    with storage_failures(root_uri):
         listing = fs.find(root, detail=True) if fs.isdir(root) else None
-    except Exception as e:
-        if failed := storage_error(root_uri, e):
-            raise failed from e
-        raise
     if listing is None:
         raise CorpusError(f"no partition folder at {root_uri!r}")
     files: dict[str, list[tuple[str, int]]] = {}

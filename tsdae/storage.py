@@ -1,8 +1,12 @@
-"""Durable bytes: atomic local writes, copies out of any pyarrow filesystem (local, S3, GCS), and telling
-a failure of the storage itself from bad data."""
+"""Durable bytes: atomic local writes, compare-and-swap of one small object on any fsspec filesystem,
+copies out of any pyarrow filesystem (local, S3, GCS), and telling a failure of the storage itself from
+bad data."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -51,6 +55,19 @@ def storage_error(uri: str, error: BaseException) -> StorageError | None:
     return StorageError(f"{uri}: storage failure ({cause}): {type(error).__name__}: {error}")
 
 
+@contextlib.contextmanager
+def storage_failures(uri: str):
+    """Re-raise, as a StorageError naming uri, any storage failure inside the block (others unchanged)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        if failed := storage_error(uri, e):
+            raise failed from e
+        raise
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write text (UTF-8) or bytes to a local path through a temp file in the same folder and os.replace
     (atomic on POSIX): a reader sees the old file or the new one, never a partial write."""
@@ -65,6 +82,59 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class Conflict(RuntimeError):
+    """The object changed between the read and the write of a compare-and-swap."""
+
+
+def protocols(fs) -> set[str]:
+    """The protocol names of an fsspec filesystem."""
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def is_local(fs) -> bool:
+    return bool(protocols(fs) & {"file", "local"})
+
+
+@contextlib.contextmanager
+def compare_and_swap(fs, path: str):
+    """Yields (the object's bytes or None if there is none, write(data)): write replaces the object only if
+    it is still what was read (or still absent), else raises Conflict; of two racing swaps one wins.
+
+    S3: a PUT If-Match the ETag that was read, If-None-Match: * where there was none. Local paths: an OS
+    file lock (``<path>.lock``) held from the read to the end of the block, and an atomic replace. Other
+    object stores: a read, then an unconditional write.
+    """
+    if is_local(fs):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            data = Path(path).read_bytes() if Path(path).exists() else None
+            yield data, lambda new: write_atomic(Path(path), new)
+        return
+    s3 = "s3" in protocols(fs)
+    try:
+        with fs.open(path, "rb") as f:  # s3fs reads every range of it If-Match the ETag it saw first
+            etag, data = (f.details["ETag"] if s3 else None), f.read()
+    except FileNotFoundError:
+        etag, data = None, None
+
+    def write(new: bytes) -> None:
+        if not s3:
+            fs.pipe_file(path, new)
+            return
+        try:
+            if etag is None:
+                fs.pipe_file(path, new, mode="create")  # If-None-Match: *
+            else:
+                fs.pipe_file(path, new, IfMatch=etag)
+        except OSError as e:  # s3fs: FileExistsError for If-None-Match, EINVAL for a failed If-Match
+            if isinstance(e, FileExistsError) or e.errno == errno.EINVAL:
+                raise Conflict(f"{path} changed since it was read") from e
+            raise
+
+    yield data, write
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
