@@ -94,41 +94,32 @@ def target_sentences() -> list[str]:
     ]
 
 
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a free port, a SQLite backend store and a local artifact store
-    (served through the server, as a shared server does) in folder. Stopped by its process group."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{port}"
-        self.log = folder / "server.log"
-        # No job runner (MLflow's GenAI jobs): it starts worker processes the tests do not need.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                 "--artifacts-destination", str(folder / "artifacts")],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+class LoopbackServer:
+    """A server process on 127.0.0.1, started in a process group of its own with its output in log, ready
+    when ready() says so; stop() ends the group (SIGTERM, SIGKILL after 10 s), also after a failed start."""
+
+    def _start(self, command: list[str], log: Path, env: dict | None = None) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         deadline = time.monotonic() + 120  # a bound for a failed start, not a timing assertion
-        while not self.healthy():
+        while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"mlflow server did not start:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[2]} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
 
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
+    def ready(self) -> bool:
+        raise NotImplementedError
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group (the CLI, uvicorn and its worker), SIGKILL after 10 s."""
         if self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
@@ -137,6 +128,33 @@ class MlflowServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class MlflowServer(LoopbackServer):
+    """`mlflow server` with a free port, a SQLite backend store and a local artifact store (served through
+    the server, as a shared server does) in folder."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        # No job runner (MLflow's GenAI jobs): it starts worker processes the tests do not need.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self._start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                     "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                     "--artifacts-destination", str(folder / "artifacts")], folder / "server.log", env)
+
+    def ready(self) -> bool:
+        return _answers(f"{self.uri}/health")
+
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -148,34 +166,17 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
-class S3Server:
-    """moto's standalone S3 server on 127.0.0.1 with a free port (it honours If-Match and If-None-Match: *
-    on PutObject). Stopped by its process group."""
+class S3Server(LoopbackServer):
+    """moto's standalone S3 server with a free port (it honours If-Match and If-None-Match: * on
+    PutObject)."""
 
     def __init__(self, folder: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
-        self.log = folder / "moto.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60  # a bound for a failed start, not a timing assertion
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server did not start:\n{self.log.read_text()[-3000:]}")
-                time.sleep(0.2)
+        self._start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], folder / "moto.log")
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(10)
+    def ready(self) -> bool:
+        return _answers(f"{self.endpoint}/moto-api/")
 
 
 @pytest.fixture(scope="session")

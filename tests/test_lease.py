@@ -60,9 +60,9 @@ def test_racing_takers_of_a_free_lease_get_it_exactly_once(lease_uri):
 
 
 def test_renewing_pushes_the_expiry_out_while_the_night_runs(lease_uri):
-    a = Lease(lease_uri, "job-a", ttl_s=0.6)
+    a = Lease(lease_uri, "job-a", ttl_s=2.0)
     assert a.acquire() is None
-    with a.renewing(every_s=0.1):
-        time.sleep(1.0)  # longer than ttl_s: without renewals job-b would take it over
+    with a.renewing(every_s=0.2):  # a renewal may be up to 1.8 s late before the lease lapses
+        time.sleep(3.0)  # longer than ttl_s: without renewals job-b would take it over
         assert Lease(lease_uri, "job-b", ttl_s=60).acquire()["holder"] == "job-a"
     a.release()
