@@ -56,7 +56,9 @@ def test_a_damaged_footer_is_still_bad_data(tmp_path):
     assert corpus_read.validate_schemas([str(path)], pa.fs.LocalFileSystem(), "text", "skip")[0] == []
 
 
-def test_an_unreachable_s3_endpoint_is_a_storage_error_naming_the_uri(monkeypatch):
+@pytest.mark.parametrize("listing", [corpus_read.list_corpus_files,
+                                     lambda uri: corpus_read.list_partitions(uri, "date")])
+def test_an_unreachable_s3_endpoint_is_a_storage_error_naming_the_uri(monkeypatch, listing):
     with socket.socket() as s:  # a port with nothing listening: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -68,7 +70,7 @@ def test_an_unreachable_s3_endpoint_is_a_storage_error_naming_the_uri(monkeypatc
 
     fsspec.get_filesystem_class("s3").clear_instance_cache()  # a client made for another endpoint is cached
     with pytest.raises(StorageError, match=r"s3://corpus-bucket/days/: storage failure \(endpoint or network\)"):
-        corpus_read.list_corpus_files("s3://corpus-bucket/days/")
+        listing("s3://corpus-bucket/days/")
 
 
 def test_the_read_stage_exits_with_the_storage_code(monkeypatch):
