@@ -38,11 +38,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
-from nltk.tokenize import TreebankWordTokenizer  # noqa: E402
-from nltk.tokenize.treebank import TreebankWordDetokenizer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from benchmarks.corpus_data import generate_corpus  # noqa: E402
+from benchmarks.reference_noise import reference_noise  # noqa: E402
 from pipeline import (CorruptAndTokenize, CorruptConfig, ReadConfig, build_train_dataset, padding_fraction,  # noqa: E402
                       row_keys)
 from tsdae.model import resolve_model_path  # noqa: E402
@@ -77,7 +76,7 @@ def throughput(texts: list[str], tokenizer_path: str, batch_rows: int = 2048) ->
     ours_rate = (len(texts) / (time.process_time() - cpu), len(texts) / (time.perf_counter() - wall))
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    delete, detokenize = _reference_noise()
+    delete, detokenize = reference_noise()
     rng = np.random.default_rng(0)
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(texts), 8):  # the reference collates batches of 8
@@ -95,23 +94,6 @@ def throughput(texts: list[str], tokenizer_path: str, batch_rows: int = 2048) ->
         "speedup_vs_reference": round(ours_rate[0] / ref_rate[0], 2),
         "mean_target_tokens": round(float(target_lengths.mean()), 2),
     }
-
-
-def _reference_noise():
-    """sentence-transformers' DenoisingAutoEncoderDataset.delete, with Treebank word tokenization."""
-    tokenize, detokenizer = TreebankWordTokenizer().tokenize, TreebankWordDetokenizer()
-
-    def delete(text, rng, detokenize, del_ratio=0.6):
-        words = tokenize(text)
-        n = len(words)
-        if n == 0:
-            return text
-        keep = rng.random(n) > del_ratio
-        if keep.sum() == 0:
-            keep[rng.choice(n)] = True
-        return detokenize(np.array(words)[keep])
-
-    return delete, detokenizer.detokenize
 
 
 # ---- 2. Padding ----------------------------------------------------------------------------------

@@ -30,6 +30,12 @@ class ReadConfig(Section):
       A missing or non-string text column is always an error: that is a wrong config, not a bad file.
     max_chars: longer texts are cut to this many characters (at a whitespace boundary when there is
       one) and counted as ``truncated``.
+    shuffle_rows: the training order. > 0: each epoch reads the files in its own permutation and
+      shuffles each file's rows in windows of this many rows (its row groups in a permuted order too),
+      so a corpus stored sorted (by class, source or date) is not trained one kind after the other;
+      memory: one window of text per read task. 0: file order, as stored. The order is a pure function
+      of (shuffle_seed, epoch); the rows of an epoch and every rank's batch count do not change.
+    shuffle_seed: seeds the training order (pipeline.shuffle); independent of corrupt.seed.
     """
 
     uri: str | list[str] = "data/corpus/demo.parquet"
@@ -37,6 +43,8 @@ class ReadConfig(Section):
     filters: list[str] = []
     on_bad_file: Literal["fail", "skip"] = "fail"
     max_chars: int = Field(2000, ge=1)
+    shuffle_rows: int = Field(65536, ge=0)
+    shuffle_seed: int = 0
 
     @field_validator("uri")
     @classmethod

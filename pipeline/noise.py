@@ -24,7 +24,7 @@ _DOMAIN = np.uint64(0x7453_4441_455F_6E7A)  # "tSDAE_nz": keeps these streams ap
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
+def mix64(z: np.ndarray) -> np.ndarray:
     """SplitMix64's finalizer: a bijection on uint64 that spreads every input bit over the output."""
     z = (z ^ (z >> np.uint64(30))) * _MUL1
     z = (z ^ (z >> np.uint64(27))) * _MUL2
@@ -37,10 +37,10 @@ def row_streams(row_keys: np.ndarray, *, seed: int, epoch: int | np.ndarray) -> 
     epoch: an int for the whole batch, or one per row (a batch that straddles two epochs).
     """
     with np.errstate(over="ignore"):
-        seed_key = _mix64(np.uint64(seed & _MASK64) ^ _DOMAIN)
+        seed_key = mix64(np.uint64(seed & _MASK64) ^ _DOMAIN)
         epoch_u64 = np.asarray(epoch).astype(np.uint64)
-        epoch_key = _mix64(seed_key + _GOLDEN * (epoch_u64 + np.uint64(1)))
-        return _mix64(np.asarray(row_keys, dtype=np.uint64) ^ epoch_key)
+        epoch_key = mix64(seed_key + _GOLDEN * (epoch_u64 + np.uint64(1)))
+        return mix64(np.asarray(row_keys, dtype=np.uint64) ^ epoch_key)
 
 
 def word_uniforms(streams: np.ndarray, word_index: np.ndarray) -> np.ndarray:
@@ -50,7 +50,7 @@ def word_uniforms(streams: np.ndarray, word_index: np.ndarray) -> np.ndarray:
     """
     with np.errstate(over="ignore"):
         state = streams + _GOLDEN * (word_index.astype(np.uint64) + np.uint64(1))
-        return (_mix64(state) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+        return (mix64(state) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def delete_words(
@@ -198,7 +198,7 @@ def draw(streams: np.ndarray, batch: TokenBatch, kind: str | None = None) -> np.
         row_stream = streams
     else:
         with np.errstate(over="ignore"):
-            row_stream = _mix64(streams ^ _KIND[kind])
+            row_stream = mix64(streams ^ _KIND[kind])
     return word_uniforms(row_stream[batch.word_row], batch.word_pos)
 
 

@@ -3,7 +3,7 @@
 Checks happen when the pipeline is built, before anything streams: a bad file fails the job in seconds
 with its name, not an hour into training inside a Ray task. Only parquet footers are read for that.
 The rows then come from our own Ray Datasource, one read task per (epoch, file), streaming each file
-in record batches of READ_BATCH_ROWS rows, so memory is bounded by Ray Data's backpressure however
+in record batches of READ_BATCH_ROWS rows (for training, in the order of pipeline.shuffle), so memory is bounded by Ray Data's backpressure however
 large the corpus, and a file that turns out to be damaged mid-read is handled by read.on_bad_file.
 """
 
@@ -27,6 +27,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import ReadConfig
+from pipeline.shuffle import file_order, row_group_order, window_order
 from tsdae.storage import storage_error, storage_failures
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,9 @@ def row_keys(text: pa.Array) -> np.ndarray:
 
 
 class CorpusSource(Datasource):
-    """Ray Datasource over checked corpus files: one read task per (epoch, file), in that order.
+    """Ray Datasource over checked corpus files: one read task per (epoch, file), epoch by epoch; within
+    an epoch the files come in sorted order, or in the epoch's permutation when read.shuffle_rows > 0
+    (and each task then shuffles its rows: pipeline.shuffle).
 
     mode="rows": blocks ``text``, ``row_key`` (+ ``epoch`` when epochs is given), READ_BATCH_ROWS rows
     at most. mode="stats": one row per file: ``path``, COUNTS, ``error`` ("" or why the file was skipped).
@@ -302,25 +305,40 @@ class CorpusSource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         epochs = self.epochs if self.epochs is not None else [None]
+        paths = self.files.paths
         return [
-            ReadTask(_Reader(path, self.files.filesystem, self.cfg, epoch, self.mode),
-                     BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path]))
-            for epoch in epochs for path in self.files.paths
+            ReadTask(_Reader(paths[i], self.files.filesystem, self.cfg, epoch, self.mode, file_index=int(i)),
+                     BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[paths[i]]))
+            for epoch in epochs for i in self._order(epoch)
         ]
+
+    def _order(self, epoch: int | None) -> np.ndarray:
+        """Files in sorted order, or (training with read.shuffle_rows) in this epoch's permutation."""
+        n = len(self.files.paths)
+        if epoch is None or not self.cfg.shuffle_rows:
+            return np.arange(n)
+        return file_order(n, seed=self.cfg.shuffle_seed, epoch=epoch)
 
 
 class _Reader:
     """The body of one read task (a picklable callable returning an iterator of blocks)."""
 
-    def __init__(self, path, filesystem, cfg: ReadConfig, epoch: int | None, mode: str):
+    def __init__(self, path, filesystem, cfg: ReadConfig, epoch: int | None, mode: str, file_index: int = 0):
         self.path, self.filesystem, self.cfg, self.epoch, self.mode = path, filesystem, cfg, epoch, mode
+        self.file_index = file_index
+        self.shuffle = mode == "rows" and epoch is not None and cfg.shuffle_rows > 0
+        self.window: list[pa.Table] = []  # rows waiting to be shuffled (at most shuffle_rows + a batch)
 
     def __call__(self):
         totals = dict.fromkeys(COUNTS, 0)
         try:
             parquet = pq.ParquetFile(self.path, filesystem=self.filesystem)
+            groups = range(parquet.num_row_groups)
+            if self.shuffle:
+                groups = row_group_order(parquet.num_row_groups, seed=self.cfg.shuffle_seed, epoch=self.epoch,
+                                         file_index=self.file_index).tolist()
             # Row group by row group: a damaged group then stops the file exactly there, every time.
-            batches = (b for g in range(parquet.num_row_groups)
+            batches = (b for g in groups
                        for b in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[g],
                                                      columns=[self.cfg.text_column]))
             for record_batch in batches:
@@ -332,7 +350,13 @@ class _Reader:
                 block = {"text": text, "row_key": pa.array(row_keys(text), pa.uint64())}
                 if self.epoch is not None:
                     block["epoch"] = pa.repeat(pa.scalar(self.epoch, pa.int64()), len(text))
-                yield pa.table(block)
+                if not self.shuffle:
+                    yield pa.table(block)
+                    continue
+                self.window.append(pa.table(block))
+                if sum(t.num_rows for t in self.window) >= self.cfg.shuffle_rows:
+                    yield from self._flush()
+            yield from self._flush()
         except Exception as e:
             if failed := storage_error(self.path, e):  # skipping would change this run's rows
                 raise failed from e
@@ -344,11 +368,24 @@ class _Reader:
             if self.cfg.on_bad_file == "fail":
                 raise CorpusError(f"{self.path}: {reason}") from e
             log.warning("skipping the rest of %s: %s", self.path, reason)
+            yield from self._flush()  # the rows read before the damage, as on every read
             if self.mode == "stats":
                 yield pa.table({"path": [self.path], **{k: [v] for k, v in totals.items()}, "error": [reason]})
             return
         if self.mode == "stats":
             yield pa.table({"path": [self.path], **{k: [v] for k, v in totals.items()}, "error": [""]})
+
+
+    def _flush(self):
+        """The buffered rows in their shuffled order, as blocks of at most READ_BATCH_ROWS rows."""
+        if not self.window:
+            return
+        window = pa.concat_tables(self.window)
+        self.window = []
+        order = window_order(window.column("row_key").to_numpy(), seed=self.cfg.shuffle_seed, epoch=self.epoch)
+        window = window.take(pa.array(order))
+        for start in range(0, window.num_rows, READ_BATCH_ROWS):
+            yield window.slice(start, READ_BATCH_ROWS)
 
 
 def _read(source: CorpusSource) -> ray.data.Dataset:
