@@ -120,7 +120,6 @@ def test_a_bad_config_exits_2_naming_the_key_before_ray_starts(tmp_path, change,
     traceback (exit 1); a missing model exited 5 after 35 s. Now both, and an unknown task, exit 2 at once."""
     import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -129,13 +128,12 @@ def test_a_bad_config_exits_2_naming_the_key_before_ray_starts(tmp_path, change,
         cfg[section].update(values)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    started = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=600)
     assert out.returncode == 2, out.stderr[-2000:]
     assert key in out.stderr and "Traceback" not in out.stderr
+    # "At once": before Ray starts and before any stage (no wall-clock bound: a loaded machine is slow).
     assert "Started a local Ray instance" not in out.stderr and "=== stage" not in out.stderr
-    assert time.perf_counter() - started < 60
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "with space", ".hidden"])
