@@ -15,8 +15,10 @@ choice of a run (ours: corrupt.seed, train.seed, read.shuffle_seed; the referenc
 trainer's seed). Scores: Spearman × 100 on STS-B test and dev (tsdae.eval, the same code for both).
 
 Equal wall time: ours (the default variant, same settings) trains for as many steps as fit in the
-reference's mean training time at ours' measured seconds per step on the slice, on a longer stretch of
-the same corpus when the slice is too short (the slice's stride at further offsets).
+reference's training time at ours' measured seconds per step on the slice (the fastest run of each: on
+a shared machine, the least disturbed), on a longer stretch of the same corpus when the slice is too
+short (the slice's stride at further offsets). Every finished run is also written to <out>.partial.json;
+--reuse it to go on after an interruption.
 Training time is the trainer's own (ours: the train stage, workers' start-up included; the reference:
 trainer.train()); start-up of Ray and evaluation are not counted for either.
 The last output line is one JSON object (benchmarks/results/quality-cpu.json keeps a run).
@@ -118,41 +120,53 @@ def main(argv=None) -> None:
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-equal-time", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the runs' folders (printed)")
+    p.add_argument("--equal-time-seeds", type=int, nargs="+", help="seeds of the equal-time runs (default: --seeds)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality-cpu.json"))
+    p.add_argument("--reuse", help="runs recorded by an earlier invocation (its <out>.partial.json, written after "
+                                   "every run): those (variant, seed) are not run again")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="tsdae-quality-"))
     corpus = work / "slice.parquet"
     write_slice(corpus, args.sentences)
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict]] = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    partial = Path(args.out).with_suffix(".partial.json")
+
+    def done(variant: str, seed: int) -> bool:
+        return any(r["seed"] == seed for r in results.get(variant, []))
 
     def record(variant: str, seed: int, run: dict) -> None:
         run = {"seed": seed, **run}
         results.setdefault(variant, []).append(run)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(results, indent=1))
         print(f"{variant:>20} seed {seed}: STS-B test {run['STSB-test']:.2f} dev {run['STSB-dev']:.2f} "
               f"train {run['train_s']:.0f} s ({run['sentences']} sentences)", flush=True)
 
     # Seed by seed, the variants interleaved: a slow spell on a shared machine hits every variant alike.
     for seed in args.seeds:
-        if not args.no_reference:
+        if not args.no_reference and not done("reference", seed):
             record("reference", seed, run_reference(corpus, work, seed))
         for variant in args.variants:
-            record(variant, seed, run_ours(f"quality-{variant}-s{seed}", corpus, work, seed, VARIANTS[variant]))
+            if not done(variant, seed):
+                record(variant, seed, run_ours(f"quality-{variant}-s{seed}", corpus, work, seed, VARIANTS[variant]))
 
     equal_time = None
     if not args.no_equal_time and not args.no_reference and DEFAULT_VARIANT in results:
-        # As many steps as ours' train stage fits in the reference's mean training time, at the rate of
-        # ours' runs above (whole stage: start-up included, so the estimate errs against ours).
-        budget = statistics.fmean(r["train_s"] for r in results["reference"])
+        # As many steps as ours' train stage fits in the reference's training time, at ours' seconds per
+        # step on the slice (whole stage: start-up included, so the estimate errs against ours). Both the
+        # fastest of their runs: on a shared machine, the least disturbed measurement of each.
+        budget = min(r["train_s"] for r in results["reference"])
         ours = results[DEFAULT_VARIANT]
-        per_step = statistics.fmean(r["train_s"] / r["steps"] for r in ours)
+        per_step = min(r["train_s"] / r["steps"] for r in ours)
         offsets = max(1, math.ceil(budget / per_step * SETTINGS["train.global_batch_size"] / args.sentences))
         longer = work / "longer.parquet"
         rows = write_slice(longer, args.sentences, offsets)
         steps = min(rows // SETTINGS["train.global_batch_size"], max(1, math.floor(budget / per_step)))
-        for seed in args.seeds:
-            record("equal_time", seed, run_ours(f"quality-equal-time-s{seed}", longer, work, seed,
-                                                {**VARIANTS[DEFAULT_VARIANT], "train.max_steps": steps}))
+        for seed in args.equal_time_seeds or args.seeds:
+            if not done("equal_time", seed):
+                record("equal_time", seed, run_ours(f"quality-equal-time-s{seed}", longer, work, seed,
+                                                    {**VARIANTS[DEFAULT_VARIANT], "train.max_steps": steps}))
         equal_time = {"budget_train_s": round(budget, 1), "ours_s_per_step": round(per_step, 3), "steps": steps,
                       "sentences": steps * SETTINGS["train.global_batch_size"]}
 
