@@ -186,7 +186,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d"), "machine": machine(), "load_average_at_end": load_average(),
         "slice": {"source": "first 10,000 rows of sentences.parquet", "stride": max(1, FIRST // args.sentences),
                   "sentences": args.sentences},
-        "settings": SETTINGS, "variants": {v: VARIANTS[v] for v in args.variants}, "default": DEFAULT_VARIANT,
+        "settings": SETTINGS, "variants": {v: VARIANTS[v] for v in VARIANTS if v in results}, "default": DEFAULT_VARIANT,
         "seeds": args.seeds, "equal_time": equal_time, "summary": summary, "runs": results,
     }, args.out)
 
