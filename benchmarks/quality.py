@@ -2,6 +2,7 @@
 sentence-transformers' own TSDAE (benchmarks.quality_reference), over several seeds, plus ours at the
 reference's wall time.
 
+    pip install -e '.[quality]'   # the reference's trainer (datasets, accelerate)
     python -m benchmarks.quality                                  # 2,000 sentences, seeds 0 1 (~70 min, 2 cores)
     python -m benchmarks.quality --sentences 10000 --seeds 0 1 2  # the full slice (a bigger machine)
     python -m benchmarks.quality --variants shuffled --seeds 0 --no-reference --no-equal-time  # one run

@@ -33,7 +33,10 @@ TASKS = ["STSB-dev", "STSB-test"]
 def train_reference(texts: list[str], model_path: str, out_dir: Path, *, seed: int, batch_size: int, lr: float,
                     del_ratio: float) -> float:
     """Train; save the encoder to out_dir/encoder; return the training seconds (trainer.train())."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as e:
+        raise SystemExit(f"{e}: the reference's trainer needs the quality extra: pip install -e '.[quality]'") from e
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
     from transformers import set_seed
