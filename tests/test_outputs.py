@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,15 @@ def _folder(path: Path, files: dict[str, str]) -> Path:
 
 def _missing_bucket(s3_bucket: str) -> str:
     return f"{s3_bucket}-missing"
+
+
+@pytest.fixture
+def staging(tmp_path, monkeypatch) -> Path:
+    """OutputDir's staging folders go under the test's tmp_path (a failed upload keeps its own)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
 
 
 # -- tier 2: the storage layer on the S3 server ----------------------------------------------------------------
@@ -76,7 +86,7 @@ def test_publish_mirrors_folders_and_files_into_the_bucket(s3_bucket, tmp_path):
     assert _s3().cat_file(f"{root}/report.md") == b"second"
 
 
-def test_a_missing_bucket_is_a_storage_error_naming_the_uri_and_is_never_created(s3_bucket, tmp_path):
+def test_a_missing_bucket_is_a_storage_error_naming_the_uri_and_is_never_created(s3_bucket, tmp_path, staging):
     missing = _missing_bucket(s3_bucket)
     folder = _folder(tmp_path / "encoder", {"config.json": "{}", "sub/x.json": "{}"})
     with pytest.raises(StorageError, match=rf"{missing}/runs/r/encoder: storage failure \(missing bucket\)"):
@@ -89,10 +99,26 @@ def test_a_missing_bucket_is_a_storage_error_naming_the_uri_and_is_never_created
     with pytest.raises(StorageError, match=f"{missing}/runs/r/report.md"):
         out.publish("report.md")
     out.close()
-    assert (out.local / "report.md").read_text() == "kept"  # what could not be uploaded is not lost
+    assert out.local.parent == staging and (out.local / "report.md").read_text() == "kept"  # not lost
 
 
-def test_the_first_write_of_a_run_fails_the_job_with_the_storage_code(s3_bucket, tmp_path, tiny_bert_dir):
+def test_an_unreachable_endpoint_is_a_storage_error_naming_the_uri(tmp_path, staging, monkeypatch):
+    with socket.socket() as s:  # a port with nothing listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}"), ("AWS_ACCESS_KEY_ID", "test"),
+                       ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_MAX_ATTEMPTS", "1")):
+        monkeypatch.setenv(key, value)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # a client made for another endpoint is cached
+    with OutputDir("s3://runs-bucket/runs/r-1") as out:
+        (out.local / "config.yaml").write_text("name: r\n")
+        with pytest.raises(stages.StageError) as failed:
+            stages.publish_outputs(out, "config.yaml")
+    assert failed.value.exit_code == EXIT_STORAGE
+    assert "s3://runs-bucket/runs/r-1/config.yaml: storage failure (endpoint or network)" in str(failed.value)
+
+
+def test_the_first_write_of_a_run_fails_the_job_with_the_storage_code(s3_bucket, tmp_path, staging, tiny_bert_dir):
     """run_all puts config.yaml in the bucket before anything starts: a bucket that cannot be written
     stops the run there, exit 8, naming the URI (no Ray is needed to get that far)."""
     cfg = _tiny_run_config(tmp_path, tiny_bert_dir, "nobucket", 0, output_dir=f"{_missing_bucket(s3_bucket)}/runs")
@@ -103,9 +129,10 @@ def test_the_first_write_of_a_run_fails_the_job_with_the_storage_code(s3_bucket,
     assert f"{_missing_bucket(s3_bucket)}/runs/nobucket-1/config.yaml: storage failure (missing bucket)" in str(failed.value)
 
 
-def test_evaluate_writes_its_report_to_a_bucket(s3_bucket, tiny_bert_dir, tmp_path, monkeypatch, caplog):
+def test_evaluate_writes_its_report_to_a_bucket(s3_bucket, tiny_bert_dir, tmp_path, monkeypatch, caplog, staging):
     caplog.set_level("INFO", logger="tsdae")
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     sts_dir = _small_sts(tmp_path / "sts")
     args = ["--model", tiny_bert_dir, "--sts-dir", sts_dir, "--tasks", "STSB-dev"]
     assert evaluate_main([*args, "--out", f"{s3_bucket}/evals/e1"]) == 0
@@ -113,7 +140,7 @@ def test_evaluate_writes_its_report_to_a_bucket(s3_bucket, tiny_bert_dir, tmp_pa
     assert sorted(Path(p).name for p in _s3().find(root)) == ["report.json", "report.md", "sts_tasks.png"]
     assert json.loads(_s3().cat_file(f"{root}/report.json"))["before"]["tasks"]["STSB-dev"]["n_pairs"] == 40
     assert f"{s3_bucket}/evals/e1/report.json" in caplog.text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sts"]  # no local folder named "s3:"
+    assert os.listdir(tmp_path / "cwd") == [] and sorted(os.listdir(staging)) == ["cwd", "sts"]  # no "s3:"
     missing = f"{_missing_bucket(s3_bucket)}/evals/e2"
     assert evaluate_main([*args, "--out", missing]) == EXIT_STORAGE
     assert f"{missing}/report.json: storage failure (missing bucket)" in caplog.text
