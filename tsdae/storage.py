@@ -165,10 +165,10 @@ def fetch(fs: pafs.FileSystem, path: str, dest: Path) -> Path:
 def publish(local: Path, uri: str) -> str:
     """Make uri (any fsspec URI or path) a copy of the local file or folder local, and return uri.
 
-    Every file is one object PUT (files of a folder in parallel, to the same relative keys); then, for a
+    Each file goes to its own key (a folder's files in parallel, at the same relative keys); then, for a
     folder, objects under uri that local does not have (an earlier attempt's) are removed. No bucket is
-    ever created: fsspec's recursive put would create a missing one, we want the error. Any failure is a
-    StorageError naming uri."""
+    ever created: fsspec's recursive put would create a missing one, and we want the error. Any failure
+    is a StorageError naming uri."""
     local = Path(local)
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
