@@ -100,8 +100,11 @@ class RunConfig(Section):
     name: the run's name; a unique suffix is added per launch (a Ray Train run with the same name and
     storage path would silently resume the old one).
     storage_path: where Ray Train writes checkpoints (local path or s3:// / gs:// URI).
-    output_dir: where the reports and the exported models go (local path); each run's folder also gets
-    ``config.yaml``, the resolved config it ran with.
+    output_dir: where each run's outputs go, under ``<output_dir>/<run name>/``: a local path or any fsspec
+    URI (s3://, gs:// with gcsfs installed, file://). The reports, charts, exported ``encoder/`` and
+    ``decoder/``, ``metrics.jsonl``, ``summary.json`` and ``config.yaml`` (the resolved config the run
+    used); a night adds ``lineage.json``. On a cluster use a bucket: the driver's working directory is
+    Ray's scratch copy of the job.
     ray_address: the Ray cluster to join (null: the job's cluster, else a local one).
     """
 
@@ -118,6 +121,10 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     nightly: NightlyConfig | None = None  # only jobs.nightly reads it
+
+    def run_output(self, run_name: str) -> str:
+        """The output folder of one run (a path or a URI): ``<output_dir>/<run_name>``."""
+        return f"{self.output_dir.rstrip('/')}/{run_name}"
 
     @model_validator(mode="after")
     def _batch_splits_over_the_workers(self) -> "RunConfig":
@@ -212,12 +219,13 @@ def filesystem_problem(uri: str) -> str | None:
 
 def uri_problems(cfg: RunConfig) -> list[str]:
     """The keys whose URIs cannot be used: a filesystem that is not installed, or a URI where the job
-    reads or writes only local folders (output_dir, eval.sts_dir, nightly.cache_dir: a URI there would
-    become a local folder named after its scheme)."""
+    reads or writes only local folders (eval.sts_dir, nightly.cache_dir: a URI there would become a
+    local folder named after its scheme)."""
     read = [cfg.read.uri] if isinstance(cfg.read.uri, str) else list(cfg.read.uri)
     remote = {("read.uri" if len(read) == 1 else f"read.uri[{i}]"): u for i, u in enumerate(read)}
     remote.update({f"eval.custom_sets[{i}].uri": c.uri for i, c in enumerate(cfg.eval.custom_sets)})
-    local = {"output_dir": cfg.output_dir, "eval.sts_dir": cfg.eval.sts_dir}
+    remote["output_dir"] = cfg.output_dir  # tsdae.storage.OutputDir: written locally, then put there
+    local = {"eval.sts_dir": cfg.eval.sts_dir}
     if cfg.nightly is not None:
         local["nightly.cache_dir"] = cfg.nightly.cache_dir
         remote["storage_path"] = cfg.storage_path  # the night's lease is written there through fsspec

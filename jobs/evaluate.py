@@ -8,7 +8,9 @@ baseline and the model in production; writes report.json, report.md and charts.
 
 Models: a local folder, ``package:<module>`` or any fsspec URI (copied locally first). With --actors N
 the encoding runs on N Ray Data model actors (joins RAY_ADDRESS / --ray-address, else starts a local
-cluster); without, in this process. Exit codes: 0 success, 2 bad arguments or config, 5 evaluation failed.
+cluster); without, in this process. --out is a local folder or any fsspec URI (s3://bucket/evals/x).
+Exit codes: 0 success, 2 bad arguments or config, 5 evaluation failed, 8 the report could not be written
+to --out (storage failure).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from jobs.config import OVERRIDES_HELP, ConfigError, load_config, parse_overrides
-from jobs.stages import EXIT_CONFIG, EXIT_EVAL, connect_ray
+from jobs.config import OVERRIDES_HELP, ConfigError, filesystem_problem, load_config, parse_overrides
+from jobs.stages import EXIT_CONFIG, EXIT_EVAL, StageError, connect_ray, log_outputs, publish_outputs
 from tsdae.eval import (EvalConfig, build_report, evaluate_model, missing_tasks, render_markdown,
                         write_charts, write_report)
 from tsdae.model import check_model_ref
+from tsdae.storage import OutputDir
 
 log = logging.getLogger("tsdae")
 
@@ -43,7 +46,7 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
                    help="a custom STS set (columns sentence1, sentence2, score); repeatable")
     p.add_argument("--actors", type=int, help="override eval.actors (>= 1: Ray Data model actors)")
     p.add_argument("--ray-address", help="Ray cluster to join when --actors >= 1")
-    p.add_argument("--out", help="output folder (default runs/eval-<UTC time>)")
+    p.add_argument("--out", help="output folder, a path or fsspec URI (default runs/eval-<UTC time>)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP + "; the eval section is used")
     return p.parse_intermixed_args(argv)
 
@@ -82,6 +85,8 @@ def build_eval_config(args: argparse.Namespace) -> EvalConfig:
     missing = missing_tasks(cfg.sts_dir, list(cfg.tasks))
     if missing:
         raise ConfigError(f"eval.sts_dir: no data for {missing} under {cfg.sts_dir!r}")
+    if args.out and (problem := filesystem_problem(args.out)):
+        raise ConfigError(f"--out: {problem}")
     return cfg
 
 
@@ -95,8 +100,7 @@ def main(argv=None, prog=None) -> int:
     except ConfigError as e:
         log.error("bad config: %s", e)
         return EXIT_CONFIG
-    out_dir = Path(args.out or f"runs/eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_uri = args.out or f"runs/eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     if cfg.actors >= 1:
         connect_ray(args.ray_address, max(2, cfg.actors))
 
@@ -129,9 +133,15 @@ def main(argv=None, prog=None) -> int:
     }
     report = build_report(results["baseline"] if baseline else results["model"],
                           results["model"] if baseline else None, meta, production=results.get("production"))
-    paths = {**write_report(report, str(out_dir)), **write_charts(report, str(out_dir))}
-    print(render_markdown(report), flush=True)
-    log.info("wrote %s", paths)
+    with OutputDir(out_uri) as out:
+        paths = {**write_report(report, str(out.local)), **write_charts(report, str(out.local))}
+        print(render_markdown(report), flush=True)
+        try:
+            publish_outputs(out, *(Path(p).name for p in paths.values()))
+        except StageError as e:
+            log.error("%s", e)
+            return e.exit_code
+        log_outputs(out)
     return 0
 
 

@@ -14,9 +14,12 @@ file sizes, the parent model, the config). The Ray Train run name contains it, s
 that failed resumes its run from the last checkpoint; a night that finished (promoted or rejected) is
 recorded in the registry and re-submitting it does nothing and exits with the same code.
 
+The night's outputs (report, charts, encoder/, decoder/, metrics, summary, lineage.json) go to
+`<output_dir>/<model id>/`, a local folder or a bucket; the job logs the URI of each.
+
 Exit codes: 0 promoted, nothing new, or this night already promoted; 2 bad config; 3 bad data;
 4 training failed; 5 evaluation failed; 6 the gate rejected the candidate; 7 publishing or verifying the
-model failed. Production is unchanged on every non-zero exit.
+model failed; 8 storage failure. Production is unchanged on every non-zero exit.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from jobs.registry import RegistryError, open_registry
 from jobs.stages import start_job
 from pipeline import CorpusError, Partition, list_partitions
 from tsdae.eval import SentenceEncoder, render_markdown, write_report
-from tsdae.storage import StorageError
+from tsdae.storage import OutputDir, StorageError
 
 log = logging.getLogger("tsdae")
 
@@ -168,15 +171,20 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
                 log.info("night %s already ran (key %s): %s; nothing to do", model_id, key[:10], done["status"])
                 return NightResult(done["exit_code"], "already-done", done.get("model_id"),
                                    decision=done.get("decision"))
-            return train_night(cfg, registry, parent, consumed, new, replay, key, model_id, through, config_label,
-                               git_commit)
+            with OutputDir(cfg.run_output(model_id)) as out:
+                try:
+                    return train_night(cfg, registry, out, parent, consumed, new, replay, key, model_id, through,
+                                       config_label, git_commit)
+                finally:
+                    stages.log_outputs(out)
     finally:
         lease.release()
 
 
-def train_night(cfg, registry, parent, consumed, new, replay, key, model_id, through, config_label,
+def train_night(cfg, registry, out: OutputDir, parent, consumed, new, replay, key, model_id, through, config_label,
                 git_commit) -> NightResult:
-    """Steps 2-5 of a night, under its lease: warm start, train and evaluate, gate, promote."""
+    """Steps 2-5 of a night, under its lease: warm start, train and evaluate, gate, promote. out: the
+    night's output folder; the registry publishes from its local copy, in this process."""
     nightly = cfg.nightly
 
     # 2. Warm start: production's model, downloaded and checksum-verified, else the config's base model.
@@ -193,8 +201,7 @@ def train_night(cfg, registry, parent, consumed, new, replay, key, model_id, thr
     run_cfg = cfg.replace(model=model_cfg.model_dump(), read=cfg.read.replace(uri=[p.uri for p in new + replay]).model_dump())
 
     # 3. Read, evaluate production, train, evaluate the candidate, export; tracked as one MLflow run.
-    out_dir = Path(cfg.output_dir) / model_id
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out.local
     if not ray.is_initialized():
         stages.connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
     tracker = tracking.start(cfg.tracking, model_id, tracking.run_tags(run_cfg, config_label, {
@@ -208,7 +215,7 @@ def train_night(cfg, registry, parent, consumed, new, replay, key, model_id, thr
         return result
 
     try:
-        report = stages.run_all(run_cfg, model_id, out_dir, config_label=config_label, tracker=tracker)
+        report = stages.run_all(run_cfg, model_id, out, config_label=config_label, tracker=tracker)
     except stages.StageError as e:
         log.error("%s", e)
         return finish(NightResult(e.exit_code, "failed", model_id))
@@ -228,6 +235,11 @@ def train_night(cfg, registry, parent, consumed, new, replay, key, model_id, thr
                            "gate": summarize(decision), "gate_decision": decision})
     paths = write_report(report, str(out_dir))
     (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    try:
+        stages.publish_outputs(out, *(Path(p).name for p in paths.values()), "lineage.json")
+    except stages.StageError as e:
+        log.error("%s; production stays %s", e, parent or "empty")
+        return finish(NightResult(e.exit_code, "failed", model_id, report, decision))
     tracker.set_tags({"tsdae.gate": "PROMOTE" if decision["promote"] else "REJECT"})
     tracker.log_metrics({f"gate/{k}": v for k, v in (("production_avg", decision["production"]["avg"]),
                          ("candidate_avg", decision["candidate"]["avg"]), ("delta_avg", decision["delta"]["avg"]))

@@ -3,8 +3,11 @@
     python -m jobs.run --config configs/demo.yaml train.lr=1e-4 scale.num_workers=4   # = tsdae-ray run …
     ray job submit --working-dir . -- python -m jobs.run --config configs/gpu-cluster.yaml
 
-Exit codes: 0 success, 2 bad config, 3 bad corpus, 4 training failed, 5 evaluation failed,
-143 stopped by SIGTERM after a checkpoint (continue with --resume RUN_NAME).
+The outputs go to `<output_dir>/<run name>/`, a local folder or a bucket (output_dir: s3://bucket/runs);
+the job ends by logging the URI of each.
+
+Exit codes: 0 success, 2 bad config, 3 bad corpus, 4 training failed, 5 evaluation failed, 8 storage
+failure, 143 stopped by SIGTERM after a checkpoint (continue with --resume RUN_NAME).
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import argparse
 import logging
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 from jobs import tracking
 from jobs.config import OVERRIDES_HELP
-from jobs.stages import EXIT_CONFIG, StageError, connect_ray, run_all, start_job
+from jobs.stages import EXIT_CONFIG, StageError, connect_ray, log_outputs, run_all, start_job
 from tsdae.eval import render_markdown
+from tsdae.storage import OutputDir
 
 log = logging.getLogger("tsdae")
 
@@ -41,20 +44,21 @@ def main(argv=None, prog=None) -> int:
     if cfg is None:
         return EXIT_CONFIG
     run_name = args.resume or f"{args.name or cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    out_dir = Path(cfg.output_dir) / run_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run %s → %s", run_name, out_dir)
+    with OutputDir(cfg.run_output(run_name)) as out:
+        log.info("run %s → %s", run_name, out.uri)
 
-    # 2. Build and run: join or start Ray, start the MLflow run (when tracking is on), every stage in order.
-    connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
-    tracker = tracking.start(cfg.tracking, run_name, tracking.run_tags(cfg, args.config))
-    try:
-        report = run_all(cfg, run_name, out_dir, config_label=args.config, tracker=tracker)
-    except StageError as e:
-        log.error("%s", e)
-        tracker.finish(e.exit_code)
-        return e.exit_code
-    tracker.finish(0)
+        # 2. Build and run: join or start Ray, start the MLflow run (when tracking is on), every stage in order.
+        connect_ray(cfg.ray_address, cfg.scale.local_num_cpus)
+        tracker = tracking.start(cfg.tracking, run_name, tracking.run_tags(cfg, args.config))
+        try:
+            report = run_all(cfg, run_name, out, config_label=args.config, tracker=tracker)
+        except StageError as e:
+            log.error("%s", e)
+            tracker.finish(e.exit_code)
+            return e.exit_code
+        finally:
+            log_outputs(out)
+        tracker.finish(0)
 
     # 3. Report.
     print(render_markdown(report), flush=True)

@@ -24,7 +24,7 @@ from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
 from tsdae.model import resolve_model_path
-from tsdae.storage import StorageError
+from tsdae.storage import OutputDir, StorageError
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
 
@@ -160,12 +160,19 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
     return result
 
 
+FINAL_ENCODER_DIR = "final_encoder"
+# What export_stage writes into a run's output folder, in the order it is put in the bucket.
+EXPORTS = (checkpoint.ENCODER_DIR, checkpoint.DECODER_DIR, FINAL_ENCODER_DIR, checkpoint.METRICS_FILE,
+           checkpoint.SUMMARY_FILE)
+
+
 def export_stage(result, selected: Selection, out_dir: Path, cfg: RunConfig) -> dict:
-    """Export the run's model (the selected checkpoint) once into out_dir: ``encoder/`` and ``decoder/``,
-    plus ``final_encoder/`` when the selected checkpoint is not the final one, and the run's records
-    (``metrics.jsonl``, ``summary.json``) from the final checkpoint. Returns the summary."""
+    """Export the run's model (the selected checkpoint) once into the local folder out_dir (``EXPORTS``):
+    ``encoder/`` and ``decoder/``, plus ``final_encoder/`` when the selected checkpoint is not the final
+    one, and the run's records (``metrics.jsonl``, ``summary.json``) from the final checkpoint. Returns
+    the summary."""
     announce(f"export the model of step {selected.step} ({selected.source})")
-    final_dir = out_dir / "final_encoder"
+    final_dir = out_dir / FINAL_ENCODER_DIR
     for stale in (out_dir / checkpoint.ENCODER_DIR, out_dir / checkpoint.DECODER_DIR, final_dir):
         if stale.exists():
             shutil.rmtree(stale)
@@ -180,18 +187,38 @@ def export_stage(result, selected: Selection, out_dir: Path, cfg: RunConfig) -> 
     return summary
 
 
-def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str, tracker: Tracker | None = None) -> dict:
+def publish_outputs(out: OutputDir, *names: str) -> dict[str, str]:
+    """Put the named files and folders of a run's output folder at its URI (``OutputDir.publish``); a
+    storage failure fails the job with EXIT_STORAGE. Returns {name: URI}."""
+    try:
+        return out.publish(*names)
+    except StorageError as e:
+        raise StageError(EXIT_STORAGE, f"cannot write the run's outputs: {e}") from e
+
+
+def log_outputs(out: OutputDir) -> None:
+    """One log block with the final URI (or path) of every output a job wrote."""
+    if out.published:
+        log.info("outputs in %s:\n%s", out.uri, "\n".join(f"  {uri}" for uri in out.published.values()))
+
+
+def run_all(cfg: RunConfig, run_name: str, out: OutputDir, config_label: str, tracker: Tracker | None = None) -> dict:
     """read → evaluate base (and production) → train, validating checkpoints on the dev task → select
     the run's model (best dev score, else the final checkpoint) → export it → evaluate the export →
-    report and charts; returns the report. The resolved config is saved first, as out_dir/config.yaml.
+    report and charts; returns the report. The resolved config is saved first, as config.yaml.
 
+    out: the run's output folder (a path or a URI): each file is produced in out.local and put at its URI
+    as soon as it is complete, so a run that fails later keeps what it had written; the evaluation of the
+    export reads it from its URI, as a Ray task on another node would have to.
     tracker: the run's MLflow run (jobs.tracking; None: no tracking): params first, training metrics live
     and reconciled after training, the STS table and the files at the end.
     """
     started = time.perf_counter()
     tracker = tracker or Tracker()
+    out_dir = out.local
     config_file = out_dir / "config.yaml"
     config_file.write_text(dump_config(cfg))
+    publish_outputs(out, config_file.name)  # the first write: a bucket that cannot be written fails here
     tracker.log_config(cfg)
     stats = read_stage(cfg)
     before = evaluate_stage("base model", cfg.model.name_or_path, cfg.model.pooling, cfg.eval)
@@ -208,15 +235,16 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str, tra
                  record["val_seconds"])
     selected = select_checkpoint(result, validate)
     summary = export_stage(result, selected, out_dir, cfg)
+    publish_outputs(out, *EXPORTS)
     history = [json.loads(line) for line in (out_dir / checkpoint.METRICS_FILE).read_text().splitlines() if line]
     tracker.log_training(history, validation)
     encoder_dir = out_dir / checkpoint.ENCODER_DIR
     label = "trained model" if selected.source == "final" else f"trained model (best dev, step {selected.step})"
-    after = evaluate_stage(label, str(encoder_dir), cfg.model.pooling, cfg.eval)
+    after = evaluate_stage(label, out.uri_of(checkpoint.ENCODER_DIR), cfg.model.pooling, cfg.eval)
     announce("report")
     sentences = sum(summary["rows_trained_per_rank"])
     task = cfg.eval.validation_task if validate else None
-    final_encoder = out_dir / "final_encoder"
+    final_encoder = FINAL_ENCODER_DIR if (out_dir / FINAL_ENCODER_DIR).exists() else checkpoint.ENCODER_DIR
     meta = {
         "run_name": run_name,
         "config": config_label,
@@ -248,15 +276,16 @@ def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str, tra
             "final_checkpoint": selected.final_checkpoint.path,
         },
         "checkpoint": selected.checkpoint.path,
-        "encoder_dir": str(encoder_dir),
-        "final_encoder_dir": str(final_encoder if final_encoder.exists() else encoder_dir),
+        "encoder_dir": out.uri_of(checkpoint.ENCODER_DIR),
+        "final_encoder_dir": out.uri_of(final_encoder),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     report = build_report(before, after, meta, production=production, validation=validation)
     paths = write_report(report, str(out_dir))
     paths.update(write_charts(report, str(out_dir), history=history))
+    published = publish_outputs(out, *(Path(p).name for p in paths.values()))
     tracker.log_report(report, [config_file, *map(Path, paths.values()), out_dir / checkpoint.METRICS_FILE,
                                 out_dir / checkpoint.SUMMARY_FILE], encoder_dir)
-    log.info("report: %s; encoder: %s (%s); %.0f s in all", paths, encoder_dir, meta["evaluated_model"],
-             meta["wall_seconds"])
+    log.info("report: %s; encoder: %s (%s); %.0f s in all", published["report.md"], meta["encoder_dir"],
+             meta["evaluated_model"], meta["wall_seconds"])
     return report

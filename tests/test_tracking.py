@@ -21,6 +21,7 @@ from test_validation_run import _tiny_run_config
 from jobs import stages, tracking
 from jobs.config import parse_config
 from tsdae.eval import STS_TASKS, build_report
+from tsdae.storage import OutputDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ def test_a_server_that_dies_mid_run_is_logged_once_and_the_run_goes_on(tiny_bert
         tracker = tracking.start(cfg.tracking, "dies-1", tracking.run_tags(cfg, "test"))
         assert tracker.on
         with caplog.at_level(logging.WARNING, logger="tsdae"):
-            report = stages.run_all(cfg, "dies-1", out, config_label="test", tracker=tracker)
+            report = stages.run_all(cfg, "dies-1", OutputDir(str(out)), config_label="test", tracker=tracker)
             tracker.finish(0)
     finally:
         server.stop()
@@ -168,7 +169,7 @@ def test_a_run_logs_params_metrics_validation_and_files(ray_local, mlflow_server
     out = tmp_path / "runs" / "tracked-1"
     out.mkdir(parents=True)
     tracker = tracking.start(cfg.tracking, "tracked-1", tracking.run_tags(cfg, "test.yaml"))
-    report = stages.run_all(cfg, "tracked-1", out, config_label="test.yaml", tracker=tracker)
+    report = stages.run_all(cfg, "tracked-1", OutputDir(str(out)), config_label="test.yaml", tracker=tracker)
     tracker.finish(0)
 
     client = MlflowClient(mlflow_server.uri)

@@ -15,6 +15,7 @@ import torch
 
 from tsdae.eval import EvalConfig
 from tsdae.model import ModelConfig
+from tsdae.storage import OutputDir
 from tsdae.train import VAL_METRIC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_run_validates_checkpoints_exports_the_best_and_compares_with_production
     out = tmp_path / "runs" / "valrun-1"
     out.mkdir(parents=True)
 
-    report = stages.run_all(cfg, "valrun-1", out, config_label="test")
+    report = stages.run_all(cfg, "valrun-1", OutputDir(str(out)), config_label="test")
 
     # Ray Train merged each validation into its checkpoint's metrics; the history has one file per step.
     (result,) = results

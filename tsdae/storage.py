@@ -1,18 +1,22 @@
 """Durable bytes: atomic local writes, compare-and-swap of one small object on any fsspec filesystem,
-copies out of any pyarrow filesystem (local, S3, GCS), and telling a failure of the storage itself from
-bad data."""
+copies out of any pyarrow filesystem (local, S3, GCS), a job's output folder at a path or a URI
+(``OutputDir``, ``publish``), and telling a failure of the storage itself from bad data."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import fsspec
 import pyarrow.fs as pafs
+
+log = logging.getLogger("tsdae")
 
 
 class StorageError(OSError):
@@ -47,23 +51,26 @@ def storage_cause(error: BaseException) -> str | None:
     return None
 
 
-def storage_error(uri: str, error: BaseException) -> StorageError | None:
-    """A StorageError naming uri and the likely cause if error is a storage failure, else None."""
-    cause = storage_cause(error)
+def storage_error(uri: str, error: BaseException, otherwise: str | None = None) -> StorageError | None:
+    """A StorageError naming uri and the likely cause if error is a storage failure, else None.
+    otherwise: the cause to name for any other OSError (a write of bytes this process holds: whatever
+    fails there is the store)."""
+    cause = storage_cause(error) or (otherwise if isinstance(error, OSError) else None)
     if cause is None:
         return None
     return StorageError(f"{uri}: storage failure ({cause}): {type(error).__name__}: {error}")
 
 
 @contextlib.contextmanager
-def storage_failures(uri: str):
-    """Re-raise, as a StorageError naming uri, any storage failure inside the block (others unchanged)."""
+def storage_failures(uri: str, otherwise: str | None = None):
+    """Re-raise, as a StorageError naming uri, any storage failure inside the block (others unchanged);
+    otherwise: as in storage_error."""
     try:
         yield
     except StorageError:
         raise
     except Exception as e:
-        if failed := storage_error(uri, e):
+        if failed := storage_error(uri, e, otherwise):
             raise failed from e
         raise
 
@@ -152,3 +159,95 @@ def fetch(fs: pafs.FileSystem, path: str, dest: Path) -> Path:
         with fs.open_input_stream(path) as src, open(target, "wb") as out:
             shutil.copyfileobj(src, out)
     return target
+
+
+# -- a job's outputs at a path or a URI ---------------------------------------------------------------------
+def publish(local: Path, uri: str) -> str:
+    """Make uri (any fsspec URI or path) a copy of the local file or folder local, and return uri.
+
+    Each file goes to its own key (a folder's files in parallel, at the same relative keys); then, for a
+    folder, objects under uri that local does not have (an earlier attempt's) are removed. No bucket is
+    ever created: fsspec's recursive put would create a missing one, and we want the error. Any failure
+    is a StorageError naming uri."""
+    local = Path(local)
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    keys = [f"{root}/{p.relative_to(local).as_posix()}" for p in files] if local.is_dir() else [root]
+    with storage_failures(uri, otherwise="write"):
+        if is_local(fs):
+            for key in keys:
+                Path(key).parent.mkdir(parents=True, exist_ok=True)
+        if files:
+            fs.put([str(p) for p in files], keys)
+        if local.is_dir():
+            stale = sorted(set(fs.find(root)) - set(keys))
+            if stale:
+                fs.rm(stale)
+    return uri
+
+
+class OutputDir:
+    """A job's output folder: a local path or any fsspec URI (``s3://bucket/runs/<run>``, ``gs://…``,
+    ``file://…``).
+
+    Files are produced in ``local``, a local folder: the folder itself for a local path, else a staging
+    folder in the temp dir, from which ``publish`` puts them at the URI. Only this process reads
+    ``local``; anything else (a Ray task, a later job) reads ``uri_of(name)``. ``close`` removes the
+    staging folder, except after a failed upload: then it is kept, and named in the log, so that nothing
+    the job produced is lost.
+    """
+
+    def __init__(self, uri: str):
+        protocol = fsspec.core.split_protocol(uri)[0]
+        self.fs, root = fsspec.core.url_to_fs(uri)
+        self.remote = not is_local(self.fs)
+        self.published: dict[str, str] = {}  # name → URI, in the order published
+        self._failed = False
+        if self.remote:
+            self.uri = uri.rstrip("/")
+            self.local = Path(tempfile.mkdtemp(prefix="tsdae-out-"))
+        else:  # a path as given (relative stays relative), or the path of a file:// URI
+            self.local = Path(root if protocol else uri)
+            self.local.mkdir(parents=True, exist_ok=True)
+            self.uri = str(self.local)
+
+    def uri_of(self, name: str) -> str:
+        """Where the file or folder name (relative to the output folder) is for every process."""
+        return f"{self.uri}/{name}" if self.remote else str(self.local / name)
+
+    def publish(self, *names: str) -> dict[str, str]:
+        """Put local/<name> (a file or a folder) at uri_of(name) for each name, replacing what an earlier
+        attempt left there; a name that does not exist locally is removed at the URI. A local output
+        folder is already in place. Returns {name: URI} of those that exist; raises StorageError."""
+        done = {}
+        for name in names:
+            path, uri = self.local / name, self.uri_of(name)
+            if self.remote:
+                try:
+                    if path.exists():
+                        publish(path, uri)
+                    else:
+                        with storage_failures(uri, otherwise="write"):
+                            if self.fs.exists(uri):
+                                self.fs.rm(uri, recursive=True)
+                except StorageError:
+                    self._failed = True
+                    raise
+            if path.exists():
+                done[name] = self.published[name] = uri
+        return done
+
+    def close(self) -> None:
+        if not self.remote:
+            return
+        if self._failed:
+            log.warning("outputs that could not be put at %s are kept in %s", self.uri, self.local)
+            return
+        shutil.rmtree(self.local, ignore_errors=True)
+
+    def __enter__(self) -> "OutputDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
