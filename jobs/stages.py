@@ -23,7 +23,6 @@ from jobs.stop import clear_stop, stop_flag_uri, stop_on_sigterm
 from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
-from tsdae.model import resolve_model_path
 from tsdae.storage import StorageError
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
@@ -135,7 +134,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
     flag = stop_flag_uri(cfg.storage_path, run_name)
     clear_stop(flag)  # a resumed run must not stop on the request that stopped it before
     dataset = build_train_dataset(
-        cfg.read, cfg.corrupt, resolve_model_path(cfg.model.name_or_path), epochs=cfg.train.epochs,
+        cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=cfg.train.epochs,  # each actor fetches it
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
         batch_size=cfg.train.per_worker_batch(cfg.scale.num_workers)[0],  # length-aware micro-batches
     )
