@@ -15,7 +15,8 @@ from pathlib import Path
 
 import ray
 
-from jobs.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight
+from jobs.config import (ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight,
+                         shared_disk_problems)
 # The exit codes live in jobs.exits; the jobs read them from here too, beside the stages that return them.
 from jobs.exits import (EXIT_CONFIG, EXIT_DATA, EXIT_EVAL, EXIT_GATE, EXIT_PROMOTE, EXIT_STOPPED,  # noqa: F401
                         EXIT_STORAGE, EXIT_TRAIN)
@@ -77,6 +78,15 @@ def connect_ray(address: str | None, local_num_cpus: int | None = None) -> None:
              runtime_env={"env_vars": env} if env else None)
     # Ray Data's progress bars redraw many times a second: fine on a terminal, a flood in job logs.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def check_cluster_storage(cfg: RunConfig) -> None:
+    """After connect_ray, before any stage: refuse (EXIT_CONFIG) local paths that processes on other nodes
+    would write and read, on a cluster of more than one alive node (jobs.config.shared_disk_problems)."""
+    nodes = sum(1 for node in ray.nodes() if node["Alive"]) if ray.is_initialized() else 1
+    problems = shared_disk_problems(cfg, nodes)
+    if problems:
+        raise StageError(EXIT_CONFIG, "bad config: " + "; ".join(problems))
 
 
 def storage_failed(error: BaseException) -> bool:
@@ -180,13 +190,14 @@ def export_stage(result, selected: Selection, out_dir: Path, cfg: RunConfig) -> 
 
 
 def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str, tracker: Tracker | None = None) -> dict:
-    """read → evaluate base (and production) → train, validating checkpoints on the dev task → select
+    """[check the cluster's storage] → read → evaluate base (and production) → train, validating checkpoints on the dev task → select
     the run's model (best dev score, else the final checkpoint) → export it → evaluate the export →
     report and charts; returns the report. The resolved config is saved first, as out_dir/config.yaml.
 
     tracker: the run's MLflow run (jobs.tracking; None: no tracking): params first, training metrics live
     and reconciled after training, the STS table and the files at the end.
     """
+    check_cluster_storage(cfg)
     started = time.perf_counter()
     tracker = tracker or Tracker()
     config_file = out_dir / "config.yaml"
