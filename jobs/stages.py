@@ -190,9 +190,10 @@ def export_stage(result, selected: Selection, out_dir: Path, cfg: RunConfig) -> 
 
 
 def run_all(cfg: RunConfig, run_name: str, out_dir: Path, config_label: str, tracker: Tracker | None = None) -> dict:
-    """[check the cluster's storage] → read → evaluate base (and production) → train, validating checkpoints on the dev task → select
+    """read → evaluate base (and production) → train, validating checkpoints on the dev task → select
     the run's model (best dev score, else the final checkpoint) → export it → evaluate the export →
     report and charts; returns the report. The resolved config is saved first, as out_dir/config.yaml.
+    Before all of it, the cluster's storage check (check_cluster_storage: exit 2 on a bad config).
 
     tracker: the run's MLflow run (jobs.tracking; None: no tracking): params first, training metrics live
     and reconciled after training, the STS table and the files at the end.

@@ -149,6 +149,8 @@ def _remote_files(fs, root: str, ref: str) -> tuple[dict[str, dict], object]:
     files, fingerprint = {}, []
     for path, info in sorted(listing.items()):
         rel = path[len(root):].lstrip("/")
+        if not is_relative_inside(rel):  # an object key like "model/../../x" must not leave the cache entry
+            raise ModelFetchError(f"model {ref!r}: {path!r} is not a file path inside the folder; refusing it")
         tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("created")
         files[rel] = {"size": int(info["size"])}
         fingerprint.append([rel, int(info["size"]), str(tag)])
