@@ -186,3 +186,17 @@ def test_tokenizer_actors_fetch_the_model_from_its_uri_on_their_own_node(ray_loc
     want = {k: (n, t) for k, n, t in zip(expected["row_key"].to_pylist(), expected["noisy_ids"].to_pylist(),
                                          expected["target_ids"].to_pylist())}
     assert {int(r["row_key"]): (list(r["noisy_ids"]), list(r["target_ids"])) for r in rows} == want
+
+
+def test_an_object_key_that_would_leave_the_cache_entry_is_refused(cache):
+    """Object stores allow keys like ``model/../../x``; downloaded as they are, they would be written
+    outside the cache entry."""
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/evil/config.json", b"{}")
+    fs.pipe("/models/evil/../../escape", b"x")
+    try:
+        with pytest.raises(ModelFetchError, match="memory://models/evil.*not a file path inside the folder"):
+            fetch_model("memory://models/evil")
+    finally:
+        fs.rm("/models/evil", recursive=True)  # the memory filesystem is one per process
+    assert not (cache.parent / "escape").exists()
