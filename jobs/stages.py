@@ -126,6 +126,8 @@ def evaluate_stage(label: str, model_ref: str, pooling: str, eval_cfg) -> dict:
     try:
         result = evaluate_model(model_ref, pooling, eval_cfg)
     except Exception as e:
+        if storage_failed(e):  # e.g. the model's URI could not be fetched where the evaluation runs
+            raise StageError(EXIT_STORAGE, f"evaluation of {label} stopped by a storage failure: {e}") from e
         raise StageError(EXIT_EVAL, f"evaluation of {label} failed: {e}") from e
     tasks = ", ".join(f"{t} {r['all']:.2f}" for t, r in result["tasks"].items() if r["all"] is not None)
     avg = result.get("avg7_all")

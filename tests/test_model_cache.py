@@ -200,3 +200,28 @@ def test_an_object_key_that_would_leave_the_cache_entry_is_refused(cache):
     finally:
         fs.rm("/models/evil", recursive=True)  # the memory filesystem is one per process
     assert not (cache.parent / "escape").exists()
+
+
+def test_an_evaluation_whose_model_cannot_be_fetched_is_a_storage_failure(tmp_path):
+    """Exit 8 naming the URI, not "evaluation failed" (5). In a fresh process: outside Ray, the evaluation
+    runs (and fetches) in the process itself."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from jobs import stages; from tsdae.eval import EvalConfig\n"
+            "try:\n"
+            "    stages.evaluate_stage('base model', 's3://models/tiny', 'cls', EvalConfig(tasks=['STS16']))\n"
+            "except stages.StageError as e:\n"
+            "    print('EXIT', e.exit_code, e)\n")
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1", "TSDAE_MODEL_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert "EXIT 8 evaluation of base model stopped by a storage failure" in out.stdout, out.stderr[-3000:]
+    assert "s3://models/tiny" in out.stdout
