@@ -15,7 +15,8 @@ from pathlib import Path
 
 import ray
 
-from jobs.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight
+from jobs.config import (ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight,
+                         shared_disk_problems)
 # The exit codes live in jobs.exits; the jobs read them from here too, beside the stages that return them.
 from jobs.exits import (EXIT_CONFIG, EXIT_DATA, EXIT_EVAL, EXIT_GATE, EXIT_PROMOTE, EXIT_STOPPED,  # noqa: F401
                         EXIT_STORAGE, EXIT_TRAIN)
@@ -23,7 +24,6 @@ from jobs.stop import clear_stop, stop_flag_uri, stop_on_sigterm
 from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
-from tsdae.model import resolve_model_path
 from tsdae.storage import OutputDir, StorageError
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
@@ -80,6 +80,15 @@ def connect_ray(address: str | None, local_num_cpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
+def check_cluster_storage(cfg: RunConfig) -> None:
+    """After connect_ray, before any stage: refuse (EXIT_CONFIG) local paths that processes on other nodes
+    would write and read, on a cluster of more than one alive node (jobs.config.shared_disk_problems)."""
+    nodes = sum(1 for node in ray.nodes() if node["Alive"]) if ray.is_initialized() else 1
+    problems = shared_disk_problems(cfg, nodes)
+    if problems:
+        raise StageError(EXIT_CONFIG, "bad config: " + "; ".join(problems))
+
+
 def storage_failed(error: BaseException) -> bool:
     """Whether a StorageError is error or in its chain (Ray re-raises a task's error as an instance of its
     class, or names it in the message of its own)."""
@@ -117,6 +126,8 @@ def evaluate_stage(label: str, model_ref: str, pooling: str, eval_cfg) -> dict:
     try:
         result = evaluate_model(model_ref, pooling, eval_cfg)
     except Exception as e:
+        if storage_failed(e):  # e.g. the model's URI could not be fetched where the evaluation runs
+            raise StageError(EXIT_STORAGE, f"evaluation of {label} stopped by a storage failure: {e}") from e
         raise StageError(EXIT_EVAL, f"evaluation of {label} failed: {e}") from e
     tasks = ", ".join(f"{t} {r['all']:.2f}" for t, r in result["tasks"].items() if r["all"] is not None)
     avg = result.get("avg7_all")
@@ -135,7 +146,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
     flag = stop_flag_uri(cfg.storage_path, run_name)
     clear_stop(flag)  # a resumed run must not stop on the request that stopped it before
     dataset = build_train_dataset(
-        cfg.read, cfg.corrupt, resolve_model_path(cfg.model.name_or_path), epochs=cfg.train.epochs,
+        cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=cfg.train.epochs,  # each actor fetches it
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
         batch_size=cfg.train.per_worker_batch(cfg.scale.num_workers)[0],  # length-aware micro-batches
     )
@@ -206,6 +217,7 @@ def run_all(cfg: RunConfig, run_name: str, out: OutputDir, config_label: str, tr
     """read → evaluate base (and production) → train, validating checkpoints on the dev task → select
     the run's model (best dev score, else the final checkpoint) → export it → evaluate the export →
     report and charts; returns the report. The resolved config is saved first, as config.yaml.
+    Before all of it, the cluster's storage check (check_cluster_storage: exit 2 on a bad config).
 
     out: the run's output folder (a path or a URI): each file is produced in out.local and put at its URI
     as soon as it is complete, so a run that fails later keeps what it had written; the evaluation of the
@@ -213,6 +225,7 @@ def run_all(cfg: RunConfig, run_name: str, out: OutputDir, config_label: str, tr
     tracker: the run's MLflow run (jobs.tracking; None: no tracking): params first, training metrics live
     and reconciled after training, the STS table and the files at the end.
     """
+    check_cluster_storage(cfg)
     started = time.perf_counter()
     tracker = tracker or Tracker()
     out_dir = out.local
