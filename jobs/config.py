@@ -219,13 +219,14 @@ def filesystem_problem(uri: str) -> str | None:
 
 def uri_problems(cfg: RunConfig) -> list[str]:
     """The keys whose URIs cannot be used: a filesystem that is not installed, or a URI where the job
-    reads or writes only local folders (eval.sts_dir, nightly.cache_dir: a URI there would become a
-    local folder named after its scheme)."""
+    reads or writes only local folders (nightly.cache_dir: a URI there would become a local folder
+    named after its scheme)."""
     read = [cfg.read.uri] if isinstance(cfg.read.uri, str) else list(cfg.read.uri)
     remote = {("read.uri" if len(read) == 1 else f"read.uri[{i}]"): u for i, u in enumerate(read)}
     remote.update({f"eval.custom_sets[{i}].uri": c.uri for i, c in enumerate(cfg.eval.custom_sets)})
     remote["output_dir"] = cfg.output_dir  # tsdae.storage.OutputDir: written locally, then put there
-    local = {"eval.sts_dir": cfg.eval.sts_dir}
+    remote["eval.sts_dir"] = cfg.eval.sts_dir  # fetched into each evaluating node's cache
+    local = {}
     if cfg.nightly is not None:
         local["nightly.cache_dir"] = cfg.nightly.cache_dir
         remote["storage_path"] = cfg.storage_path  # the night's lease is written there through fsspec
@@ -251,8 +252,7 @@ def preflight(cfg: RunConfig, source: str = "config") -> None:
             except FileNotFoundError as e:
                 problems.append(f"{key}: {e}")
     tasks = list(dict.fromkeys([*cfg.eval.tasks, *([cfg.eval.validation_task] if cfg.eval.validation_task else [])]))
-    sts_local = fsspec.core.split_protocol(cfg.eval.sts_dir)[0] in _LOCAL
-    missing = missing_tasks(cfg.eval.sts_dir, tasks) if sts_local else []
+    missing = missing_tasks(cfg.eval.sts_dir, tasks) if not filesystem_problem(cfg.eval.sts_dir) else []
     if missing:
         problems.append(f"eval.sts_dir: no data for {missing} under {cfg.eval.sts_dir!r}")
     for i, custom in enumerate(cfg.eval.custom_sets):

@@ -142,14 +142,14 @@ def test_a_run_name_that_is_not_one_path_component_is_refused_by_key(name):
         parse_config({"name": name})
 
 
-def test_uris_are_refused_where_the_job_needs_a_local_folder_or_a_missing_filesystem(monkeypatch):
+def test_uris_are_refused_where_their_filesystem_is_missing_or_unknown(monkeypatch):
     cfg = parse_config({"output_dir": "s3://bucket/runs", "eval": {"sts_dir": "gs://bucket/sts"},
                         "read": {"uri": ["data/corpus/demo.parquet", "nosuchfs://bucket/x.parquet"]}})
     with pytest.raises(ConfigError) as e:
         preflight(cfg)
     message = str(e.value)
     assert "output_dir" not in message  # a bucket is where a cluster run's outputs belong (tsdae.storage.OutputDir)
-    assert "eval.sts_dir: 'gs://bucket/sts' must be a local path" in message
+    assert "eval.sts_dir: 'gs://bucket/sts' needs a filesystem that is not installed" in message  # no gcsfs here
     assert "read.uri[1]: 'nosuchfs://bucket/x.parquet': no filesystem is known for nosuchfs://" in message
 
     import fsspec

@@ -44,6 +44,9 @@ class CustomStsConfig(Section):
 class EvalConfig(Section):
     """STS evaluation: which tasks, where the data is, and the resources of the evaluation task.
 
+    sts_dir: the STS suite (SentEval layout, see data/README.md): a local folder or any fsspec URI
+    (``s3://bucket/sts``), fetched once into the node-local cache where an evaluation runs.
+
     num_cpus / num_gpus: resources of the one evaluation task, of the periodic validation task, and of
     each encoder actor when ``actors`` >= 1.
     actors: 0 encodes in one Ray task; N >= 1 encodes with N Ray Data model actors (one per GPU on a GPU

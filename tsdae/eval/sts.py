@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from tsdae.eval.config import STS_TASKS, CustomStsConfig, EvalConfig
+from tsdae.model_cache import fetch_model, is_remote
 
 MAX_BAD_ROW_EXAMPLES = 20
 
@@ -145,8 +146,12 @@ def task_path(sts_dir: str, task: str) -> Path:
 
 
 def missing_tasks(sts_dir: str, tasks: list[str]) -> list[str]:
-    """The tasks whose data is not under sts_dir (checked before a job starts anything)."""
-    return [task for task in tasks if not task_path(sts_dir, task).exists()]
+    """The tasks whose data is not under sts_dir, a local folder or any fsspec URI (checked before a job
+    starts anything)."""
+    if not is_remote(sts_dir):
+        return [task for task in tasks if not task_path(sts_dir.removeprefix("file://"), task).exists()]
+    fs, root = fsspec.core.url_to_fs(sts_dir)
+    return [task for task in tasks if not fs.exists(f"{root.rstrip('/')}/{task_path('', task).as_posix()}")]
 
 
 def load_task(sts_dir: str, task: str) -> list[StsSubset]:
@@ -163,8 +168,11 @@ def load_task(sts_dir: str, task: str) -> list[StsSubset]:
 
 
 def load_tasks(sts_dir: str, tasks: list[str]) -> dict[str, list[StsSubset]]:
-    """``{task: load_task(sts_dir, task)}`` for each task, in the given order."""
-    return {task: load_task(sts_dir, task) for task in tasks}
+    """``{task: load_task(sts_dir, task)}`` for each task, in the given order. sts_dir may be a URI: the
+    folder is then fetched into this node's cache first (``tsdae.model_cache``, checked and shared by the
+    processes of a node), where the evaluation runs."""
+    local = fetch_model(sts_dir)
+    return {task: load_task(local, task) for task in tasks}
 
 
 def _custom_format(cfg: CustomStsConfig) -> str:
