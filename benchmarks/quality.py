@@ -125,6 +125,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality-cpu.json"))
     p.add_argument("--reuse", help="runs recorded by an earlier invocation (its <out>.partial.json, written after "
                                    "every run): those (variant, seed) are not run again")
+    p.add_argument("--note", default="", help="a remark kept in the JSON (how the machine was used, …)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="tsdae-quality-"))
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
         "slice": {"source": "first 10,000 rows of sentences.parquet", "stride": max(1, FIRST // args.sentences),
                   "sentences": args.sentences},
         "settings": SETTINGS, "variants": {v: VARIANTS[v] for v in VARIANTS if v in results}, "default": DEFAULT_VARIANT,
-        "seeds": args.seeds, "equal_time": equal_time, "summary": summary, "runs": results,
+        "seeds": args.seeds, "equal_time": equal_time, "summary": summary, "runs": results, "note": args.note,
     }, args.out)
 
 
