@@ -274,6 +274,21 @@ def preflight(cfg: RunConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
+def shared_disk_problems(cfg: RunConfig, nodes: int) -> list[str]:
+    """The keys naming a local path that the job's processes on other nodes write and read, on a Ray
+    cluster of `nodes` alive nodes: storage_path (checkpoints, written by every worker, read on resume and
+    by the driver) and a storage nightly.registry_uri (the warm start is read by every worker). None on one
+    node, or when the config declares the paths shared (scale.shared_filesystem)."""
+    if nodes <= 1 or cfg.scale.shared_filesystem:
+        return []
+    paths = {"storage_path": cfg.storage_path}
+    if cfg.nightly is not None and not cfg.nightly.registry_uri.startswith(MLFLOW_SCHEME):
+        paths["nightly.registry_uri"] = cfg.nightly.registry_uri
+    return [f"{key}: {uri!r} is a local path, and the Ray cluster has {nodes} nodes with no shared disk declared: "
+            f"use an s3:// or gs:// URI, or set scale.shared_filesystem: true if it is on NFS/EFS mounted at the "
+            f"same path on every node" for key, uri in paths.items() if fsspec.core.split_protocol(uri)[0] in _LOCAL]
+
+
 def json_schema() -> dict:
     """The run config's JSON Schema (what configs/schema.json holds)."""
     schema = RunConfig.model_json_schema()

@@ -145,6 +145,11 @@ class MlflowRegistry:
         return pointer
 
     # -- immutable models --------------------------------------------------------------------------------
+    def model_source(self, model_id: str) -> None:
+        """None: a version's files are MLflow artifacts, which workers cannot read with fsspec (the nightly
+        job stages a verified copy where they can: jobs.nightly.warm_start_uri)."""
+        return None
+
     def manifest(self, model_id: str) -> dict | None:
         mv = self._version(model_id)
         return self._read_json(mv, MANIFEST) if mv is not None else None

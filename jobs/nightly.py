@@ -45,7 +45,7 @@ from jobs.exits import EXIT_CONFIG, EXIT_GATE, EXIT_OK, EXIT_PROMOTE
 from jobs.gate import decide, gated_tasks, summarize
 from jobs.lease import Lease, holder_name
 from jobs.lineage import build_lineage, git_info, package_versions
-from jobs.registry import RegistryError, open_registry
+from jobs.registry import MANIFEST, RegistryError, open_registry
 from jobs.stages import start_job
 from pipeline import CorpusError, Partition, list_partitions
 from tsdae.eval import SentenceEncoder, render_markdown, write_report
@@ -106,11 +106,37 @@ def idempotency_key(parent: str | None, new: list[Partition], replay: list[Parti
 
 
 # -- model ----------------------------------------------------------------------------------------------
-def warm_start(model_cfg, model_dir: Path):
-    """The model config that starts from a registry model folder (encoder/, decoder/)."""
+def warm_start(model_cfg, model_uri: str):
+    """The model config that starts from a registry model (encoder/, decoder/) at model_uri, a URI or shared
+    path that every worker and actor fetches itself (tsdae.model_cache), checked against its manifest."""
     if model_cfg.tie_decoder:
-        return model_cfg.replace(name_or_path=str(model_dir / "encoder"))
-    return model_cfg.replace(name_or_path=str(model_dir / "encoder"), decoder_name_or_path=str(model_dir / "decoder"))
+        return model_cfg.replace(name_or_path=f"{model_uri}/encoder")
+    return model_cfg.replace(name_or_path=f"{model_uri}/encoder", decoder_name_or_path=f"{model_uri}/decoder")
+
+
+def warm_start_uri(registry, model_id: str, local: Path, storage_path: str) -> str:
+    """Where every node can fetch a registry model from, given its verified local copy (on the driver's
+    disk, so never that): the registry's own folder when it is storage (a bucket, or a local registry on a
+    shared path: jobs.stages.check_cluster_storage), else (MLflow, whose artifacts fsspec cannot read) a
+    copy under ``<storage_path>/warm-start/<model_id>/``, its MANIFEST.json written last."""
+    source = registry.model_source(model_id)
+    if source is not None:
+        return source
+    uri = f"{storage_path.rstrip('/')}/warm-start/{model_id}"
+    fs, root = fsspec.core.url_to_fs(uri)
+    manifest = (local / MANIFEST).read_bytes()
+    try:
+        if fs.cat_file(f"{root}/{MANIFEST}") == manifest:
+            return uri
+    except FileNotFoundError:
+        pass
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for path in files:
+        remote = f"{root}/{path.relative_to(local).as_posix()}"
+        fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), remote)
+    fs.pipe_file(f"{root}/{MANIFEST}", manifest)
+    return uri
 
 
 def verify_loads(encoder_dir: Path, pooling: str) -> None:
@@ -187,16 +213,17 @@ def train_night(cfg, registry, out: OutputDir, parent, consumed, new, replay, ke
     night's output folder; the registry publishes from its local copy, in this process."""
     nightly = cfg.nightly
 
-    # 2. Warm start: production's model, downloaded and checksum-verified, else the config's base model.
+    # 2. Warm start: production's model, checksum-verified here before anything starts, else the config's
+    # base model. The workers get its URI, never this driver's copy (they may run on other machines).
     stages.announce("warm start")
     model_cfg = cfg.model
     if parent is not None:
         try:
             local = registry.fetch(parent, Path(nightly.cache_dir) / parent)
+            model_cfg = warm_start(cfg.model, warm_start_uri(registry, parent, local, cfg.storage_path))
         except (RegistryError, OSError) as e:
             log.error("cannot fetch production model %s: %s", parent, e)
             return NightResult(EXIT_PROMOTE, "failed")
-        model_cfg = warm_start(cfg.model, local)
     log.info("warm start from %s (%s)", parent or cfg.model.name_or_path, model_cfg.name_or_path)
     run_cfg = cfg.replace(model=model_cfg.model_dump(), read=cfg.read.replace(uri=[p.uri for p in new + replay]).model_dump())
 

@@ -21,7 +21,6 @@ import fsspec
 from jobs.config import OVERRIDES_HELP
 from jobs.stages import EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, connect_ray, start_job
 from pipeline import CorpusError, build_train_dataset, corpus_stats, write_prepared
-from tsdae.model import resolve_model_path
 from tsdae.storage import StorageError
 
 log = logging.getLogger("tsdae")
@@ -52,7 +51,7 @@ def main(argv=None, prog=None) -> int:
     try:
         stats = corpus_stats(cfg.read)
         dataset = build_train_dataset(
-            cfg.read, cfg.corrupt, resolve_model_path(cfg.model.name_or_path), epochs=epochs,
+            cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=epochs,  # each actor fetches it
             num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
             start_epoch=args.start_epoch, batch_size=micro_batch,
         )

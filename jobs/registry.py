@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -46,11 +45,11 @@ import fsspec
 
 from jobs.config import MLFLOW_SCHEME
 from jobs.exits import EXIT_CONFIG, EXIT_PROMOTE
+from tsdae.model_cache import MANIFEST, is_relative_inside, sha256_file
 from tsdae.storage import Conflict, compare_and_swap, is_local, write_atomic
 
 SCHEMA_VERSION = 1
 POINTER = "production.json"
-MANIFEST = "MANIFEST.json"
 
 log = logging.getLogger("tsdae")
 
@@ -75,9 +74,7 @@ def check_model_id(model_id: str) -> str:
 
 def check_manifest_key(model_id: str, rel: str) -> str:
     """rel, if it is a relative path inside the model's folder; else RegistryError."""
-    parts = rel.split("/") if isinstance(rel, str) else []
-    if (not parts or rel.startswith("/") or "\\" in rel or ":" in rel
-            or any(part in ("", ".", "..") for part in parts)):
+    if not is_relative_inside(rel):
         raise RegistryError(f"model {model_id}: manifest key {rel!r} is not a relative path inside the model's "
                             f"folder; refusing to download it")
     return rel
@@ -85,14 +82,6 @@ def check_manifest_key(model_id: str, rel: str) -> str:
 
 def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _now() -> str:
@@ -152,6 +141,7 @@ class ModelRegistry(Protocol):
     def production(self) -> dict | None: ...
     def promote(self, model_id: str, *, expected_current: str | None, **fields) -> dict: ...
     def manifest(self, model_id: str) -> dict | None: ...
+    def model_source(self, model_id: str) -> str | None: ...
     def publish(self, model_id: str, src: Path) -> dict: ...
     def fetch(self, model_id: str, dest: str | Path) -> Path: ...
     def lineage(self, model_id: str) -> dict | None: ...
@@ -184,6 +174,12 @@ class Registry:
 
     def model_uri(self, model_id: str) -> str:
         return f"{self.uri}/models/{check_model_id(model_id)}"
+
+    def model_source(self, model_id: str) -> str:
+        """The model's folder as every process reads it (tsdae.model_cache.fetch_model checks it against
+        its MANIFEST.json): its URI, or an absolute path for a local registry (a relative one would be
+        resolved against each worker's own working directory)."""
+        return self._path("models", check_model_id(model_id)) if self.local else self.model_uri(model_id)
 
     def read_json(self, *parts: str) -> dict | None:
         """The JSON object at parts, or None if there is none."""

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import ray
 
-from jobs.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight
+from jobs.config import (ConfigError, RunConfig, dump_config, load_config, parse_overrides, preflight,
+                         shared_disk_problems)
 # The exit codes live in jobs.exits; the jobs read them from here too, beside the stages that return them.
 from jobs.exits import (EXIT_CONFIG, EXIT_DATA, EXIT_EVAL, EXIT_GATE, EXIT_PROMOTE, EXIT_STOPPED,  # noqa: F401
                         EXIT_STORAGE, EXIT_TRAIN)
@@ -23,7 +24,6 @@ from jobs.stop import clear_stop, stop_flag_uri, stop_on_sigterm
 from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
-from tsdae.model import resolve_model_path
 from tsdae.storage import OutputDir, StorageError
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
@@ -78,6 +78,15 @@ def connect_ray(address: str | None, local_num_cpus: int | None = None) -> None:
              runtime_env={"env_vars": env} if env else None)
     # Ray Data's progress bars redraw many times a second: fine on a terminal, a flood in job logs.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def check_cluster_storage(cfg: RunConfig) -> None:
+    """After connect_ray, before any stage: refuse (EXIT_CONFIG) local paths that processes on other nodes
+    would write and read, on a cluster of more than one alive node (jobs.config.shared_disk_problems)."""
+    nodes = sum(1 for node in ray.nodes() if node["Alive"]) if ray.is_initialized() else 1
+    problems = shared_disk_problems(cfg, nodes)
+    if problems:
+        raise StageError(EXIT_CONFIG, "bad config: " + "; ".join(problems))
 
 
 def storage_failed(error: BaseException) -> bool:
@@ -135,7 +144,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
     flag = stop_flag_uri(cfg.storage_path, run_name)
     clear_stop(flag)  # a resumed run must not stop on the request that stopped it before
     dataset = build_train_dataset(
-        cfg.read, cfg.corrupt, resolve_model_path(cfg.model.name_or_path), epochs=cfg.train.epochs,
+        cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=cfg.train.epochs,  # each actor fetches it
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
         batch_size=cfg.train.per_worker_batch(cfg.scale.num_workers)[0],  # length-aware micro-batches
     )
@@ -203,7 +212,7 @@ def log_outputs(out: OutputDir) -> None:
 
 
 def run_all(cfg: RunConfig, run_name: str, out: OutputDir, config_label: str, tracker: Tracker | None = None) -> dict:
-    """read → evaluate base (and production) → train, validating checkpoints on the dev task → select
+    """[check the cluster's storage] → read → evaluate base (and production) → train, validating checkpoints on the dev task → select
     the run's model (best dev score, else the final checkpoint) → export it → evaluate the export →
     report and charts; returns the report. The resolved config is saved first, as config.yaml.
 
@@ -213,6 +222,7 @@ def run_all(cfg: RunConfig, run_name: str, out: OutputDir, config_label: str, tr
     tracker: the run's MLflow run (jobs.tracking; None: no tracking): params first, training metrics live
     and reconciled after training, the STS table and the files at the end.
     """
+    check_cluster_storage(cfg)
     started = time.perf_counter()
     tracker = tracker or Tracker()
     out_dir = out.local

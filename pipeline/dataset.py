@@ -18,7 +18,7 @@ PREPARED_COLUMNS = ("row_key", "epoch", "noisy_ids", "target_ids")
 def build_train_dataset(
     read_cfg: ReadConfig,
     corrupt_cfg: CorruptConfig,
-    tokenizer_path: str,
+    model_ref: str,
     epochs: int,
     num_actors: int,
     cpus_per_actor: float,
@@ -29,6 +29,9 @@ def build_train_dataset(
     """Rows ``row_key`` (uint64), ``epoch`` (int64), ``noisy_ids`` and ``target_ids`` (list<int32>,
     unpadded, with [CLS]/[SEP]) for epochs start_epoch .. start_epoch+epochs-1: every kept corpus row
     once per epoch, with that epoch's noise, a pure function of (corrupt_cfg.seed, epoch, row_key).
+
+    model_ref: the model reference of the config (``package:``, path, hub name or URI), passed as it is to
+    the tokenizer actors, each of which fetches it on its own node; never a local copy of the driver's.
 
     Checks the corpus now (CorpusError before anything streams). Lazy otherwise: nothing runs until
     the dataset is iterated, and then it streams: no stage ever holds the whole corpus.
@@ -61,7 +64,7 @@ def build_train_dataset(
     threads = max(1, int(cpus_per_actor))
     return stream.map_batches(
         CorruptAndTokenize,
-        fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "cfg": corrupt_cfg, "epoch": None,
+        fn_constructor_kwargs={"model_ref": model_ref, "cfg": corrupt_cfg, "epoch": None,
                                "length_sort": length_sort},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,

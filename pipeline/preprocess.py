@@ -28,22 +28,27 @@ class CorruptAndTokenize:
     rows (a training batch) have similar lengths (the megabatch sort of Hugging Face's
     LengthGroupedSampler). Rows are never dropped or added.
     epoch: the epoch of every row, or None to read it per row from the batch.
-    The tokenizer is loaded once per instance (once per actor).
+    model_ref: the model whose tokenizer to use, as the config gives it (``package:``, a local path, a hub
+    name or a URI). The actor fetches it itself, into its node's model cache (``tsdae.model_cache``): the
+    driver's local copy may be on another machine. The tokenizer is loaded once per instance (once per
+    actor).
     """
 
-    def __init__(self, tokenizer_path: str, cfg: CorruptConfig, epoch: int | None = None,
+    def __init__(self, model_ref: str, cfg: CorruptConfig, epoch: int | None = None,
                  length_sort: bool = False):
         # Here, not at the top: transformers imports torch (~1.5 s per process), which the actors need for
         # AutoTokenizer but the read tasks, which import this package too, do not.
         from transformers import AutoTokenizer
 
+        from tsdae.model_cache import fetch_model
+
         self.cfg = cfg
         self.noise = cfg.noise()
         self.epoch = epoch
         self.length_sort = length_sort
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(fetch_model(model_ref))
         if not tokenizer.is_fast:
-            raise ValueError(f"{tokenizer_path}: need a fast (Rust) tokenizer for batched encoding")
+            raise ValueError(f"{model_ref}: need a fast (Rust) tokenizer for batched encoding")
         # Our own copy of the Rust tokenizer: no padding or truncation (both are ours to do), and corpus
         # text is data, never markup: a literal "[PAD]" or "[SEP]" in a sentence must not become a
         # special token (a pad id mid-row would break the right-padding contract of pad_batch).

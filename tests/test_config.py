@@ -165,3 +165,20 @@ def test_uris_are_refused_where_the_job_needs_a_local_folder_or_a_missing_filesy
         preflight(parse_config({"read": {"uri": "s3://bucket/corpus/"}}))
     with pytest.raises(ConfigError, match=r"output_dir: 's3://bucket/runs' needs a filesystem that is not installed"):
         preflight(parse_config({"output_dir": "s3://bucket/runs"}))
+
+
+def test_local_storage_is_refused_on_a_cluster_of_several_nodes_unless_declared_shared():
+    from jobs.config import shared_disk_problems
+
+    nightly = {"nightly": {"registry_uri": "/mnt/registry"}}
+    cfg = parse_config({"storage_path": "runs/ray", **nightly})
+    assert shared_disk_problems(cfg, nodes=1) == []
+    problems = shared_disk_problems(cfg, nodes=2)
+    assert [p.split(":")[0] for p in problems] == ["storage_path", "nightly.registry_uri"]
+    assert "'runs/ray' is a local path, and the Ray cluster has 2 nodes" in problems[0]
+    assert "scale.shared_filesystem: true" in problems[0]
+    assert shared_disk_problems(parse_config({"storage_path": "file:///data/ray"}), nodes=3)  # still local
+    assert shared_disk_problems(parse_config({"storage_path": "runs/ray", "scale": {"shared_filesystem": True},
+                                              **nightly}), nodes=2) == []
+    assert shared_disk_problems(parse_config({"storage_path": "s3://bucket/ray",
+                                              "nightly": {"registry_uri": "mlflow://tsdae"}}), nodes=2) == []

@@ -192,21 +192,20 @@ def test_resolve_pooling_from_model_files(tiny_bert_dir, tmp_path):
         model_pooling(str(st_dir))
 
 
-def test_local_model_dir_copies_a_remote_folder(tiny_bert_dir):
+def test_fetch_model_copies_a_remote_folder_into_the_node_cache(tiny_bert_dir, tmp_path, monkeypatch):
     import fsspec
 
-    from tsdae.model import local_model_dir
+    from tsdae.model import fetch_model
 
+    monkeypatch.setenv("TSDAE_MODEL_CACHE", str(tmp_path / "cache"))
     fs = fsspec.filesystem("memory")
     for path in Path(tiny_bert_dir).iterdir():
         fs.pipe(f"/models/tiny/{path.name}", path.read_bytes())
-    with local_model_dir("memory://models/tiny") as local:
-        assert Path(local, "config.json").is_file()
-        emb = SentenceEncoder(local, "cls").encode(SENTENCES[:2])
-    assert not Path(local).exists()
+    local = fetch_model("memory://models/tiny")
+    assert Path(local, "config.json").is_file() and Path(local).parent == tmp_path / "cache"
+    emb = SentenceEncoder(local, "cls").encode(SENTENCES[:2])
     np.testing.assert_allclose(emb, SentenceEncoder(tiny_bert_dir, "cls").encode(SENTENCES[:2]), atol=1e-6)
-    with local_model_dir(tiny_bert_dir) as local:
-        assert local == tiny_bert_dir
+    assert fetch_model(tiny_bert_dir) == tiny_bert_dir  # a local folder is used in place
 
 
 def test_bf16_precision_is_close_but_not_float32(tiny_bert_dir):

@@ -138,6 +138,10 @@ def test_two_nights_register_alias_and_reject_a_regression(mlflow_server, name, 
     fake.next_score = 19.0  # one point worse than production's 20: a forced regression
     second = nightly.run_night(cfg, date(2024, 1, 2), "nightly.yaml")
     assert (second.exit_code, second.status) == (6, "rejected")
+    # MLflow's artifacts are not readable by the workers: they warm-start from a verified copy in storage_path
+    ((_, warm, _),) = [c for c in fake.calls if c[0] == "train" and c[2] == second.model_id]
+    staged = Path(cfg.storage_path) / "warm-start" / first.model_id
+    assert warm == str(staged / "encoder") and (staged / "MANIFEST.json").exists()
     assert client.get_model_version_by_alias(name, ALIAS).version == "1"
     assert [v.version for v in client.search_model_versions(f"name='{name}'")] == ["1"]  # nothing registered
     assert nightly.run_night(cfg, date(2024, 1, 2), "nightly.yaml").status == "already-done"

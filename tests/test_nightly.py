@@ -229,13 +229,35 @@ def test_a_night_promotes_records_lineage_and_a_rerun_is_a_no_op(tmp_path, tiny_
     second = nightly.run_night(cfg, date(2024, 1, 2), "nightly.yaml")
     assert second.status == "promoted"
     ((_, warm, _),) = [c for c in fake.calls if c[0] == "train"]
-    assert warm.startswith(str(tmp_path / "cache" / first.model_id))  # warm start from production
+    # warm start from production, by the registry's own folder that every node fetches (not the driver's copy)
+    assert warm == str(tmp_path / "registry" / "models" / first.model_id / "encoder")
     assert [c for c in fake.calls if c[0] == "read"] == [("read", [str(tmp_path / "corpus" / f"date={d}")
                                                                    for d in ("2024-01-02", "2024-01-01")])]
     pointer = registry.production()
     assert pointer["previous_model_id"] == first.model_id
     assert pointer["consumed_partitions"] == ["date=2024-01-01", "date=2024-01-02"]
     assert registry.read_json("models", second.model_id, "lineage.json")["data"]["replay"][0]["name"] == "date=2024-01-01"
+
+
+def test_a_night_warm_starts_from_the_registry_uri_in_the_bucket(tmp_path, tiny_bert_dir, texts, fake, s3_bucket,
+                                                                 monkeypatch):
+    """With the registry in a bucket, night 2's model reference is production's URI there: each worker
+    fetches it into its own node's cache, checked against the model's manifest."""
+    from tsdae.model_cache import RECORD, fetch_model
+
+    monkeypatch.setenv("TSDAE_MODEL_CACHE", str(tmp_path / "node-cache"))
+    for i, day in enumerate(DAYS[:2]):
+        _add_day(tmp_path / "corpus", day, texts[48 * i:48 * (i + 1)])
+    cfg = _config(tmp_path, tiny_bert_dir, {"registry_uri": f"{s3_bucket}/registry"})
+    first = nightly.run_night(cfg, date(2024, 1, 1), "nightly.yaml")
+    fake.next_score = 25.0
+    assert nightly.run_night(cfg, date(2024, 1, 2), "nightly.yaml").status == "promoted"
+    ((_, warm, _),) = [c for c in fake.calls if c[0] == "train" and c[2] != first.model_id]
+    assert warm == f"{s3_bucket}/registry/models/{first.model_id}/encoder"
+    local = Path(fetch_model(warm))
+    manifest = Registry(cfg.nightly.registry_uri).manifest(first.model_id)["files"]
+    assert json.loads((local / RECORD).read_text())["files"] == {
+        rel.removeprefix("encoder/"): entry for rel, entry in manifest.items() if rel.startswith("encoder/")}
 
 
 def test_a_rejected_night_leaves_production_and_is_not_retrained(tmp_path, tiny_bert_dir, texts, fake):

@@ -13,7 +13,6 @@ times it); it pays off with one actor per GPU, or per CPU node of a cluster.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from tsdae.eval.config import EvalConfig
 from tsdae.eval.encode import SentenceEncoder, with_run_info
 from tsdae.eval.protocol import evaluate_sts
 from tsdae.eval.sts import load_suite
-from tsdae.model import local_model_dir, model_pooling, resolve_model_path
+from tsdae.model import fetch_model, model_pooling, resolve_model_path
 
 ROWS_PER_BLOCK_BATCHES = 8  # a block is 8 actor batches: small enough to balance, big enough to amortise
 
@@ -34,14 +33,14 @@ class EncoderActor:
     """A Ray Data model actor: loads the encoder once, then maps {"idx", "text"} batches to
     {"idx", "embedding"} (embedding: (B, H) float32).
 
-    model_ref: ``package:<module>``, a local path or an fsspec URI (copied locally by each actor).
+    model_ref: ``package:<module>``, a local path or an fsspec URI, fetched by each actor into its node's
+    model cache (``tsdae.model_cache``).
     """
 
     def __init__(self, model_ref: str, pooling: str, max_length: int, batch_size: int, precision: str,
                  num_cpus: float, num_gpus: float):
         device = compute_device(num_gpus, num_cpus)
-        self._stack = contextlib.ExitStack()
-        model_dir = self._stack.enter_context(local_model_dir(model_ref))
+        model_dir = fetch_model(model_ref)
         self.encoder = SentenceEncoder(model_dir, pooling, max_length, batch_size, str(device), precision)
         self.pooling = self.encoder.pooling
 

@@ -13,15 +13,14 @@ from tsdae.device import compute_device
 from tsdae.eval.actors import evaluate_distributed
 from tsdae.eval.config import EvalConfig
 from tsdae.eval.encode import evaluate_model_dir
-from tsdae.model import local_model_dir
+from tsdae.model import fetch_model
 
 
 def evaluate_here(model_ref: str, pooling: str, cfg: EvalConfig) -> dict:
-    """Fetch the model (a path, ``package:`` name or fsspec URI) and score it in this process, on a GPU
-    when cfg gives one and one is visible."""
+    """Fetch the model (a path, ``package:`` name or fsspec URI) into this node's model cache and score it
+    in this process, on a GPU when cfg gives one and one is visible."""
     device = compute_device(cfg.num_gpus, cfg.num_cpus)
-    with local_model_dir(model_ref) as model_dir:
-        return evaluate_model_dir(model_dir, pooling, cfg, device=str(device))
+    return evaluate_model_dir(fetch_model(model_ref), pooling, cfg, device=str(device))
 
 
 def evaluate_model(model_ref: str, pooling: str, cfg: EvalConfig) -> dict:

@@ -24,7 +24,7 @@ from tsdae.model.fast.decoder import (
 )
 from tsdae.model.fast.linear import use_fast_linear
 from tsdae.model.packing import Packing
-from tsdae.model.paths import resolve_model_path
+from tsdae.model_cache import fetch_model
 from tsdae.model.pooling import pool
 
 
@@ -208,8 +208,9 @@ def _check_decoder_reads_memory(decoder: nn.Module, hidden_size: int, name: str)
 
 
 def build_tsdae(cfg: ModelConfig) -> tuple[TSDAE, "AutoTokenizer"]:
-    """Load the encoder, its tokenizer and a cross-attending decoder (tied to the encoder by default)."""
-    encoder_path = resolve_model_path(cfg.name_or_path)
+    """Load the encoder, its tokenizer and a cross-attending decoder (tied to the encoder by default).
+    The references are fetched here, by the process that builds the model (``tsdae.model_cache``)."""
+    encoder_path = fetch_model(cfg.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     if tokenizer.pad_token_id is None:
         raise ModelError(f"model {cfg.name_or_path!r}: its tokenizer has no pad token")
@@ -222,7 +223,7 @@ def build_tsdae(cfg: ModelConfig) -> tuple[TSDAE, "AutoTokenizer"]:
     decoder_name = cfg.name_or_path if cfg.tie_decoder else cfg.decoder_name_or_path
     if decoder_name is None:
         raise ModelError("model.tie_decoder is false but model.decoder_name_or_path is not set")
-    decoder_path = resolve_model_path(decoder_name)
+    decoder_path = encoder_path if cfg.tie_decoder else fetch_model(decoder_name)
     if not cfg.tie_decoder:
         decoder_vocab = AutoTokenizer.from_pretrained(decoder_path).get_vocab()
         if decoder_vocab != tokenizer.get_vocab():

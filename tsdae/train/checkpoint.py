@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from tsdae.model import ModelConfig, build_tsdae, export_decoder, export_encoder, resolve_model_path
+from tsdae.model import ModelConfig, build_tsdae, export_decoder, export_encoder, fetch_model
 from tsdae.storage import exists, fetch
 
 STATE_FILE = "state.pt"
@@ -75,7 +75,7 @@ def load_encoder(checkpoint, base_model: str | None = None):
         raise FileNotFoundError(f"checkpoint {root} has no {ENCODER_DIR}/ folder; pass base_model to rebuild "
                                 f"the encoder from {STATE_FILE}")
     state = load_state(checkpoint)
-    base = resolve_model_path(base_model)
+    base = fetch_model(base_model)  # on the node that validates, from its URI
     model = AutoModel.from_pretrained(base)
     prefix = "encoder."
     model.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})

@@ -77,6 +77,9 @@ class ScaleConfig(Section):
     "A100", "H100"), so that one run never mixes GPU kinds (the slowest would set every step's pace).
     ddp_bucket_mb: the size of DDP's gradient buckets; each is all-reduced as soon as its gradients are
     ready, overlapping the rest of the backward pass (PyTorch's default, 25).
+    shared_filesystem: set true when the local paths are on NFS/EFS mounted at the same path on every
+    node. Otherwise a job on a Ray cluster of more than one node refuses a local storage_path (and a
+    local nightly.registry_uri) at start: each node would write its own disk.
     """
 
     num_workers: int = Field(2, ge=1)
@@ -89,6 +92,7 @@ class ScaleConfig(Section):
     local_num_cpus: int | None = Field(None, ge=1)
     accelerator_type: str | None = None
     ddp_bucket_mb: int = Field(25, ge=1)
+    shared_filesystem: bool = False
 
     @model_validator(mode="after")
     def _elastic_range(self) -> "ScaleConfig":
