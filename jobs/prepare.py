@@ -53,6 +53,7 @@ def main(argv=None, prog=None) -> int:
         dataset = build_train_dataset(
             cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=epochs,  # each actor fetches it
             num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
+            resources_per_actor=cfg.scale.resources_per_preprocess_actor,
             start_epoch=args.start_epoch, batch_size=micro_batch,
         )
     except CorpusError as e:

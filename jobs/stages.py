@@ -146,6 +146,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
     dataset = build_train_dataset(
         cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=cfg.train.epochs,  # each actor fetches it
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
+        resources_per_actor=cfg.scale.resources_per_preprocess_actor,
         batch_size=cfg.train.per_worker_batch(cfg.scale.num_workers)[0],  # length-aware micro-batches
     )
     trainer = build_trainer(
