@@ -24,7 +24,7 @@ from jobs.stop import clear_stop, stop_flag_uri, stop_on_sigterm
 from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
-from tsdae.storage import OutputDir, StorageError
+from tsdae.storage import OutputDir, StorageError, storage_cause
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
 
@@ -90,14 +90,23 @@ def check_cluster_storage(cfg: RunConfig) -> None:
 
 
 def storage_failed(error: BaseException) -> bool:
-    """Whether a StorageError is error or in its chain (Ray re-raises a task's error as an instance of its
-    class, or names it in the message of its own)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
+    """Whether a storage failure is error or behind it: a StorageError (Ray re-raises a task's error as an
+    instance of its class, or names it in the message of its own), or an OSError of the store itself
+    (``tsdae.storage.storage_cause``): Ray Train's own checkpoint and snapshot uploads fail as pyarrow's
+    OSError ("AWS Error NETWORK_CONNECTION …"), inside a ControllerError (``controller_failure``) or a
+    WorkerGroupError (``worker_failures``)."""
+    seen, todo = set(), [error]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
         seen.add(id(error))
         if isinstance(error, StorageError) or "StorageError:" in str(error):
             return True
-        error = error.__cause__ or error.__context__
+        if isinstance(error, OSError) and storage_cause(error) is not None:
+            return True
+        todo += [error.__cause__, error.__context__, getattr(error, "controller_failure", None),
+                 *(getattr(error, "worker_failures", None) or {}).values()]
     return False
 
 

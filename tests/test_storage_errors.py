@@ -95,3 +95,14 @@ def test_a_storage_error_inside_a_wrapped_training_failure_is_found():
         assert stages.storage_failed(outer)
     assert stages.storage_failed(RuntimeError("worker traceback ...\ntsdae.storage.StorageError: s3://b: ..."))
     assert not stages.storage_failed(RuntimeError("CUDA out of memory"))
+
+
+def test_ray_trains_own_upload_failure_is_a_storage_failure():
+    """Seen on the two-node cluster: a checkpoint snapshot upload that the network broke failed the run as
+    "training failed" (exit 4); it is the store, exit 8."""
+    from ray.train import ControllerError
+
+    upload = OSError("When uploading part for key 'ray/run/checkpoint_manager_snapshot.json' in bucket 'b': AWS Error "
+                     "NETWORK_CONNECTION during UploadPart operation: curlCode: 52, Server returned nothing")
+    assert stages.storage_failed(ControllerError(upload))
+    assert not stages.storage_failed(ControllerError(ValueError("loss is nan at step 3")))
