@@ -43,11 +43,12 @@ class StageError(RuntimeError):
         self.exit_code = exit_code
 
 
-def start_job(config_path: str, check=None, overrides: list[str] = ()) -> RunConfig | None:
+def start_job(config_path: str, check=None, overrides: list[str] = ()) -> RunConfig | int:
     """Set up the job's logging, load its run config with the command line's overrides ("train.lr=1e-4")
     and check what it points at (``preflight``); check(cfg) may raise ConfigError for what one job needs
-    beyond that. Returns None after logging why the config is bad (the job then exits with EXIT_CONFIG,
-    before Ray starts)."""
+    beyond that. Returns the config, or, after logging why not, the exit code the job then exits with
+    before Ray starts: EXIT_CONFIG for a bad config, EXIT_STORAGE when the store failed while a URI of it
+    was checked (missing credentials, access denied: the message names the URI)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = load_config(config_path, parse_overrides(overrides))
@@ -56,7 +57,10 @@ def start_job(config_path: str, check=None, overrides: list[str] = ()) -> RunCon
             check(cfg)
     except ConfigError as e:
         log.error("bad config: %s", e)
-        return None
+        return EXIT_CONFIG
+    except StorageError as e:
+        log.error("%s", e)
+        return EXIT_STORAGE
     return cfg
 
 
