@@ -49,7 +49,7 @@ from jobs.registry import MANIFEST, RegistryError, open_registry
 from jobs.stages import start_job
 from pipeline import CorpusError, Partition, list_partitions
 from tsdae.eval import SentenceEncoder, render_markdown, write_report
-from tsdae.storage import OutputDir, StorageError, storage_failures
+from tsdae.storage import OutputDir, StorageError, is_local, storage_failures
 
 log = logging.getLogger("tsdae")
 
@@ -124,6 +124,8 @@ def warm_start_uri(registry, model_id: str, local: Path, storage_path: str) -> s
         return source
     uri = f"{storage_path.rstrip('/')}/warm-start/{model_id}"
     fs, root = fsspec.core.url_to_fs(uri)
+    if is_local(fs):
+        uri = root  # absolute: a relative path would be resolved against each worker's working directory
     manifest = (local / MANIFEST).read_bytes()
     try:
         if fs.cat_file(f"{root}/{MANIFEST}") == manifest:

@@ -139,6 +139,8 @@ def evaluate_stage(label: str, model_ref: str, pooling: str, eval_cfg) -> dict:
     try:
         result = evaluate_model(model_ref, pooling, eval_cfg)
     except Exception as e:
+        if storage_failed(e):  # e.g. the model's URI could not be fetched where the evaluation runs
+            raise StageError(EXIT_STORAGE, f"evaluation of {label} stopped by a storage failure: {e}") from e
         raise StageError(EXIT_EVAL, f"evaluation of {label} failed: {e}") from e
     tasks = ", ".join(f"{t} {r['all']:.2f}" for t, r in result["tasks"].items() if r["all"] is not None)
     avg = result.get("avg7_all")
@@ -226,9 +228,10 @@ def log_outputs(out: OutputDir) -> None:
 
 
 def run_all(cfg: RunConfig, run_name: str, out: OutputDir, config_label: str, tracker: Tracker | None = None) -> dict:
-    """[check the cluster's storage] → read → evaluate base (and production) → train, validating checkpoints on the dev task → select
+    """read → evaluate base (and production) → train, validating checkpoints on the dev task → select
     the run's model (best dev score, else the final checkpoint) → export it → evaluate the export →
     report and charts; returns the report. The resolved config is saved first, as config.yaml.
+    Before all of it, the cluster's storage check (check_cluster_storage: exit 2 on a bad config).
 
     out: the run's output folder (a path or a URI): each file is produced in out.local and put at its URI
     as soon as it is complete, so a run that fails later keeps what it had written; the evaluation of the

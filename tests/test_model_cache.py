@@ -186,3 +186,42 @@ def test_tokenizer_actors_fetch_the_model_from_its_uri_on_their_own_node(ray_loc
     want = {k: (n, t) for k, n, t in zip(expected["row_key"].to_pylist(), expected["noisy_ids"].to_pylist(),
                                          expected["target_ids"].to_pylist())}
     assert {int(r["row_key"]): (list(r["noisy_ids"]), list(r["target_ids"])) for r in rows} == want
+
+
+def test_an_object_key_that_would_leave_the_cache_entry_is_refused(cache):
+    """Object stores allow keys like ``model/../../x``; downloaded as they are, they would be written
+    outside the cache entry."""
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/evil/config.json", b"{}")
+    fs.pipe("/models/evil/../../escape", b"x")
+    try:
+        with pytest.raises(ModelFetchError, match="memory://models/evil.*not a file path inside the folder"):
+            fetch_model("memory://models/evil")
+    finally:
+        fs.rm("/models/evil", recursive=True)  # the memory filesystem is one per process
+    assert not (cache.parent / "escape").exists()
+
+
+def test_an_evaluation_whose_model_cannot_be_fetched_is_a_storage_failure(tmp_path):
+    """Exit 8 naming the URI, not "evaluation failed" (5). In a fresh process: outside Ray, the evaluation
+    runs (and fetches) in the process itself."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from jobs import stages; from tsdae.eval import EvalConfig\n"
+            "try:\n"
+            "    stages.evaluate_stage('base model', 's3://models/tiny', 'cls', EvalConfig(tasks=['STS16']))\n"
+            "except stages.StageError as e:\n"
+            "    print('EXIT', e.exit_code, e)\n")
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1", "TSDAE_MODEL_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert "EXIT 8 evaluation of base model stopped by a storage failure" in out.stdout, out.stderr[-3000:]
+    assert "s3://models/tiny" in out.stdout

@@ -39,8 +39,6 @@ from pathlib import Path
 
 import fsspec
 
-from tsdae.storage import storage_failures
-
 PACKAGE_PREFIX = "package:"
 CACHE_ENV = "TSDAE_MODEL_CACHE"
 MANIFEST = "MANIFEST.json"  # the registry's checksum manifest (jobs.registry writes it)
@@ -84,6 +82,8 @@ def check_model_ref(name_or_path: str) -> None:
     """Raise FileNotFoundError unless the reference can be loaded: a package model, a local folder or a
     URI with a config.json, or a hub name (``bert-base-uncased``) that is in the local cache when the hub
     is off (HF_HUB_OFFLINE); with the hub on, a hub name is taken on trust."""
+    from tsdae.storage import storage_failures  # here: tsdae.storage imports pyarrow (see fetch_model)
+
     ref = resolve_model_path(name_or_path)
     if "://" in ref or Path(ref).is_absolute() or ref.startswith(".") or Path(ref).exists():
         with storage_failures(ref):
@@ -117,6 +117,10 @@ def fetch_model(name_or_path: str) -> str:
     ref = resolve_model_path(name_or_path)
     if not is_remote(ref):
         return ref.removeprefix("file://")
+    # Here, not at the top: tsdae.storage imports pyarrow, which the GPU benchmark's machine does not have
+    # (it builds models from local folders through tsdae.model).
+    from tsdae.storage import storage_failures
+
     with storage_failures(ref):
         fs, root = fsspec.core.url_to_fs(ref)
         root = root.rstrip("/")
@@ -149,6 +153,8 @@ def _remote_files(fs, root: str, ref: str) -> tuple[dict[str, dict], object]:
     files, fingerprint = {}, []
     for path, info in sorted(listing.items()):
         rel = path[len(root):].lstrip("/")
+        if not is_relative_inside(rel):  # an object key like "model/../../x" must not leave the cache entry
+            raise ModelFetchError(f"model {ref!r}: {path!r} is not a file path inside the folder; refusing it")
         tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("created")
         files[rel] = {"size": int(info["size"])}
         fingerprint.append([rel, int(info["size"]), str(tag)])
