@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -66,8 +67,6 @@ def main(argv=None) -> dict:
     server = S3Server(tmp)
     env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
-    import os
-
     os.environ.update(env)
     cluster = None
     try:
@@ -81,6 +80,7 @@ def main(argv=None) -> dict:
         local_inputs = {"model": model, "corpus": str(shared / "corpus.parquet")}
         s3_inputs = {"model": f"s3://{BUCKET}/models/tiny-bert", "corpus": f"s3://{BUCKET}/corpus/part-0.parquet"}
 
+        (tmp / "cluster").mkdir()
         cluster = TwoNodeCluster(tmp / "cluster", {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                                    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         cluster.wait_ready()
