@@ -201,6 +201,9 @@ class TwoNodeCluster:
         head = _ray_start("--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
                           "--num-cpus=2", f"--temp-dir={self.ray_head_dir}", f"--ray-client-server-port={free_port()}")
         self._start(head, {**self.env, "TMPDIR": str(self.head_tmp)}, "head.log")
+        # The worker node gives up if the head is not registered in its GCS soon enough (seen on the loaded
+        # 2-core machine): it starts once the head's job API answers.
+        self._until(lambda: _client(self.client, "list"), timeout_s=180)
         worker = _ray_start(f"--address={self.gcs}", "--num-cpus=4", f"--resources={json.dumps({WORKER_RESOURCE: 100})}",
                             "--temp-dir=/tmp/ray")
         # A mount namespace of its own, with a fresh tmpfs over /tmp: the worker node's Ray temp dir,
@@ -214,22 +217,33 @@ class TwoNodeCluster:
             self.processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                    start_new_session=True))
 
-    def wait_ready(self, timeout_s: float = 240) -> None:
-        """Until a job sees two alive nodes (the head's job agent also takes jobs only after a while)."""
-        check = "import ray; ray.init(); assert sum(n['Alive'] for n in ray.nodes()) == 2, ray.nodes()"
+    def _until(self, call, timeout_s: float) -> None:
+        """call() until it stops raising RuntimeError; raise, with the nodes' logs, at the deadline or when a
+        node process has exited."""
         deadline = time.time() + timeout_s
         while True:
             try:
-                info = self.wait(self.submit(f"python -c {json.dumps(check)}", runtime_env={}))
-                if info["driver_exit_code"] == 0:
-                    return
-                error = info["logs"][-2000:]
+                call()
+                return
             except RuntimeError as e:
                 error = str(e)
             if time.time() > deadline or any(p.poll() is not None for p in self.processes):
-                logs = "\n".join((self.folder / f).read_text()[-2000:] for f in ("head.log", "worker.log"))
-                raise RuntimeError(f"the two-node cluster did not come up: {error}\n{logs}")
+                logs = "\n".join((self.folder / f).read_text()[-2000:] for f in ("head.log", "worker.log")
+                                 if (self.folder / f).exists())
+                self.stop()
+                raise RuntimeError(f"the two-node cluster did not come up: {error[-3000:]}\n{logs}")
             time.sleep(3)
+
+    def wait_ready(self, timeout_s: float = 240) -> None:
+        """Until a job sees two alive nodes (the head's job agent also takes jobs only after a while)."""
+        check = "import ray; ray.init(); assert sum(n['Alive'] for n in ray.nodes()) == 2, ray.nodes()"
+
+        def two_nodes() -> None:
+            info = self.wait(self.submit(f"python -c {json.dumps(check)}", runtime_env={}))
+            if info["driver_exit_code"] != 0:
+                raise RuntimeError(info["logs"][-2000:])
+
+        self._until(two_nodes, timeout_s)
 
     def submit(self, entrypoint: str, runtime_env: dict | None = None, env_vars: dict | None = None) -> str:
         if runtime_env is None:
