@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/storage-cpu.json"))
     args = p.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bs-"))  # short: Ray's socket paths under it have a length limit
     shared = ROOT / "runs" / f"bench-storage-{time.strftime('%Y%m%d-%H%M%S')}"  # outside /tmp: both nodes see it
     server = S3Server(tmp)
     env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -90,11 +90,16 @@ def main(argv=None) -> dict:
         local = _run(cluster, _config(tmp, "local", local_inputs, storage=str(shared),
                                       scale={"shared_filesystem": True}), str(shared))
         remote = _run(cluster, _config(tmp, "s3", s3_inputs), f"s3://{BUCKET}")
+    except BaseException:
+        print(f"failed; the cluster's logs are kept in {tmp}", flush=True)
+        tmp = None
+        raise
     finally:
         if cluster is not None:
             cluster.stop()
         server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(shared, ignore_errors=True)
     return publish({"benchmark": "storage", "machine": machine(), "load_average": load_average(),
                     "nodes": 2, "run": "jobs.run, tiny random BERT, 64 sentences, 4 steps, STS16",
