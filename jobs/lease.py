@@ -26,10 +26,21 @@ from tsdae.storage import Conflict, compare_and_swap
 log = logging.getLogger("tsdae")
 
 
+def submission_id() -> str | None:
+    """The Ray job submission id (``raysubmit_…``) of this driver, or None outside a submitted job. Ray
+    passes it to the driver only inside RAY_JOB_CONFIG_JSON_ENV_VAR (metadata "job_submission_id"); the
+    two-node test found RAY_JOB_SUBMISSION_ID, read before, unset under Ray 2.60."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", ""))["metadata"]["job_submission_id"]
+        if job:
+            return str(job)
+    return os.environ.get("RAY_JOB_SUBMISSION_ID") or None
+
+
 def holder_name() -> str:
     """Who holds a lease: the Ray job's submission id where there is one, the host and process, and a
     random suffix (two processes never share a name)."""
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    job = submission_id()
     return f"{job + '@' if job else ''}{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 

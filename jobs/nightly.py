@@ -41,7 +41,7 @@ import ray
 
 from jobs import stages, tracking
 from jobs.config import OVERRIDES_HELP, ConfigError
-from jobs.exits import EXIT_CONFIG, EXIT_GATE, EXIT_OK, EXIT_PROMOTE
+from jobs.exits import EXIT_GATE, EXIT_OK, EXIT_PROMOTE
 from jobs.gate import decide, gated_tasks, summarize
 from jobs.lease import Lease, holder_name
 from jobs.lineage import build_lineage, git_info, package_versions
@@ -49,7 +49,7 @@ from jobs.registry import MANIFEST, RegistryError, open_registry
 from jobs.stages import start_job
 from pipeline import CorpusError, Partition, list_partitions
 from tsdae.eval import SentenceEncoder, render_markdown, write_report
-from tsdae.storage import OutputDir, StorageError, is_local
+from tsdae.storage import OutputDir, StorageError, is_local, storage_failures
 
 log = logging.getLogger("tsdae")
 
@@ -166,7 +166,11 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
 
     # 1. Data: what is new since the production model.
     stages.announce("find new data")
-    production = registry.production()
+    try:
+        production = registry.production()
+    except StorageError as e:
+        log.error("%s", e)
+        return NightResult(stages.EXIT_STORAGE, "failed")
     parent = production["model_id"] if production else None
     consumed = set(production["consumed_partitions"]) if production else set()
     try:
@@ -187,7 +191,12 @@ def run_night(cfg, through: date, config_label: str, git_commit: str | None = No
     model_id = f"{cfg.name}-{through:%Y%m%d}-{key[:10]}"  # also the Ray Train run name
     # One submission of a night at a time (jobs.lease): another one stops here, naming the holder.
     lease = Lease(f"{cfg.storage_path.rstrip('/')}/leases/{model_id}.json", holder_name(), nightly.lease_ttl_s)
-    held = lease.acquire()
+    try:
+        with storage_failures(lease.uri):
+            held = lease.acquire()
+    except StorageError as e:
+        log.error("%s; production stays %s", e, parent or "empty")
+        return NightResult(stages.EXIT_STORAGE, "failed")
     if held is not None:
         log.info("night %s is being run by %s (lease until %s UTC); this submission stops", model_id, held["holder"],
                  time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held["expires_at"])))
@@ -323,8 +332,8 @@ def main(argv=None, prog=None) -> int:
             raise ConfigError(f"{args.config}: eval.tasks has no task of the 7-task average for the gate")
 
     cfg = start_job(args.config, check, overrides=args.overrides)
-    if cfg is None:
-        return EXIT_CONFIG
+    if isinstance(cfg, int):  # the exit code of a bad config or a failed store
+        return cfg
     through = args.through or (datetime.now(timezone.utc).date() - timedelta(days=1))
 
     # 2. Run the night.

@@ -19,7 +19,7 @@ import sys
 import fsspec
 
 from jobs.config import OVERRIDES_HELP
-from jobs.stages import EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, connect_ray, start_job
+from jobs.stages import EXIT_DATA, EXIT_STORAGE, connect_ray, start_job
 from pipeline import CorpusError, build_train_dataset, corpus_stats, write_prepared
 from tsdae.storage import StorageError
 
@@ -41,8 +41,8 @@ def main(argv=None, prog=None) -> int:
 
     # 1. Config.
     cfg = start_job(args.config, overrides=args.overrides)
-    if cfg is None:
-        return EXIT_CONFIG
+    if isinstance(cfg, int):  # the exit code of a bad config or a failed store
+        return cfg
     epochs = args.epochs or cfg.train.epochs
     micro_batch, _ = cfg.train.per_worker_batch(cfg.scale.num_workers)  # rows per iter_torch_batches batch
 
@@ -53,6 +53,7 @@ def main(argv=None, prog=None) -> int:
         dataset = build_train_dataset(
             cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=epochs,  # each actor fetches it
             num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
+            resources_per_actor=cfg.scale.resources_per_preprocess_actor,
             start_epoch=args.start_epoch, batch_size=micro_batch,
         )
     except CorpusError as e:

@@ -46,7 +46,7 @@ import fsspec
 from jobs.config import MLFLOW_SCHEME
 from jobs.exits import EXIT_CONFIG, EXIT_PROMOTE
 from tsdae.model_cache import MANIFEST, is_relative_inside, sha256_file
-from tsdae.storage import Conflict, compare_and_swap, is_local, write_atomic
+from tsdae.storage import Conflict, compare_and_swap, is_local, storage_failures, write_atomic
 
 SCHEMA_VERSION = 1
 POINTER = "production.json"
@@ -185,7 +185,7 @@ class Registry:
         """The JSON object at parts, or None if there is none."""
         path = self._path(*parts)
         try:
-            with self.fs.open(path, "rb") as f:
+            with storage_failures("/".join([self.uri, *parts])), self.fs.open(path, "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None

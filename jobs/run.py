@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from jobs import tracking
 from jobs.config import OVERRIDES_HELP
-from jobs.stages import EXIT_CONFIG, StageError, connect_ray, log_outputs, run_all, start_job
+from jobs.stages import StageError, connect_ray, log_outputs, run_all, start_job
 from tsdae.eval import render_markdown
 from tsdae.storage import OutputDir
 
@@ -41,8 +41,8 @@ def main(argv=None, prog=None) -> int:
 
     # 1. Config.
     cfg = start_job(args.config, overrides=args.overrides)
-    if cfg is None:
-        return EXIT_CONFIG
+    if isinstance(cfg, int):  # the exit code of a bad config or a failed store
+        return cfg
     run_name = args.resume or f"{args.name or cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     with OutputDir(cfg.run_output(run_name)) as out:
         log.info("run %s → %s", run_name, out.uri)

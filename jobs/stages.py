@@ -24,7 +24,7 @@ from jobs.stop import clear_stop, stop_flag_uri, stop_on_sigterm
 from jobs.tracking import Tracker
 from pipeline import CorpusError, build_train_dataset, corpus_stats
 from tsdae.eval import build_report, evaluate_model, write_charts, write_report
-from tsdae.storage import OutputDir, StorageError
+from tsdae.storage import OutputDir, StorageError, storage_cause
 from tsdae.train import (VAL_METRIC, Selection, build_trainer, checkpoint, load_validation_history,
                          select_checkpoint, validates)
 
@@ -43,11 +43,12 @@ class StageError(RuntimeError):
         self.exit_code = exit_code
 
 
-def start_job(config_path: str, check=None, overrides: list[str] = ()) -> RunConfig | None:
+def start_job(config_path: str, check=None, overrides: list[str] = ()) -> RunConfig | int:
     """Set up the job's logging, load its run config with the command line's overrides ("train.lr=1e-4")
     and check what it points at (``preflight``); check(cfg) may raise ConfigError for what one job needs
-    beyond that. Returns None after logging why the config is bad (the job then exits with EXIT_CONFIG,
-    before Ray starts)."""
+    beyond that. Returns the config, or, after logging why not, the exit code the job then exits with
+    before Ray starts: EXIT_CONFIG for a bad config, EXIT_STORAGE when the store failed while a URI of it
+    was checked (missing credentials, access denied: the message names the URI)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = load_config(config_path, parse_overrides(overrides))
@@ -56,7 +57,10 @@ def start_job(config_path: str, check=None, overrides: list[str] = ()) -> RunCon
             check(cfg)
     except ConfigError as e:
         log.error("bad config: %s", e)
-        return None
+        return EXIT_CONFIG
+    except StorageError as e:
+        log.error("%s", e)
+        return EXIT_STORAGE
     return cfg
 
 
@@ -90,14 +94,23 @@ def check_cluster_storage(cfg: RunConfig) -> None:
 
 
 def storage_failed(error: BaseException) -> bool:
-    """Whether a StorageError is error or in its chain (Ray re-raises a task's error as an instance of its
-    class, or names it in the message of its own)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
+    """Whether a storage failure is error or behind it: a StorageError (Ray re-raises a task's error as an
+    instance of its class, or names it in the message of its own), or an OSError of the store itself
+    (``tsdae.storage.storage_cause``): Ray Train's own checkpoint and snapshot uploads fail as pyarrow's
+    OSError ("AWS Error NETWORK_CONNECTION …"), inside a ControllerError (``controller_failure``) or a
+    WorkerGroupError (``worker_failures``)."""
+    seen, todo = set(), [error]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
         seen.add(id(error))
         if isinstance(error, StorageError) or "StorageError:" in str(error):
             return True
-        error = error.__cause__ or error.__context__
+        if isinstance(error, OSError) and storage_cause(error) is not None:
+            return True
+        todo += [error.__cause__, error.__context__, getattr(error, "controller_failure", None),
+                 *(getattr(error, "worker_failures", None) or {}).values()]
     return False
 
 
@@ -148,6 +161,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
     dataset = build_train_dataset(
         cfg.read, cfg.corrupt, cfg.model.name_or_path, epochs=cfg.train.epochs,  # each actor fetches it
         num_actors=cfg.scale.preprocess_actors, cpus_per_actor=cfg.scale.cpus_per_preprocess_actor,
+        resources_per_actor=cfg.scale.resources_per_preprocess_actor,
         batch_size=cfg.train.per_worker_batch(cfg.scale.num_workers)[0],  # length-aware micro-batches
     )
     trainer = build_trainer(

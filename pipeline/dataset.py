@@ -25,6 +25,7 @@ def build_train_dataset(
     *,
     start_epoch: int = 0,
     batch_size: int | None = None,
+    resources_per_actor: dict[str, float] | None = None,
 ) -> ray.data.Dataset:
     """Rows ``row_key`` (uint64), ``epoch`` (int64), ``noisy_ids`` and ``target_ids`` (list<int32>,
     unpadded, with [CLS]/[SEP]) for epochs start_epoch .. start_epoch+epochs-1: every kept corpus row
@@ -50,6 +51,7 @@ def build_train_dataset(
 
     cpus_per_actor: Ray CPUs reserved per actor; the fast tokenizer's Rust thread pool is capped to the
     same number (RAYON_NUM_THREADS) so the actors use what Ray accounts for, no more.
+    resources_per_actor: custom Ray resources each actor requires ({name: amount}; None: none).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -68,6 +70,7 @@ def build_train_dataset(
                                "length_sort": length_sort},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
+        resources=resources_per_actor or None,
         batch_format="pyarrow",
         batch_size=rows_per_call,
         udf_modifying_row_count=False,

@@ -180,3 +180,13 @@ def test_local_storage_is_refused_on_a_cluster_of_several_nodes_unless_declared_
                                               **nightly}), nodes=2) == []
     assert shared_disk_problems(parse_config({"storage_path": "s3://bucket/ray",
                                               "nightly": {"registry_uri": "mlflow://tsdae"}}), nodes=2) == []
+
+
+def test_custom_resources_name_a_custom_resource_with_a_positive_amount():
+    cfg = parse_config({"scale": {"resources_per_worker": {"worker_node": 1}, "resources_per_preprocess_actor": {"w": 0.5}},
+                        "eval": {"resources": {"worker_node": 0.01}}})
+    assert cfg.scale.resources_per_worker == {"worker_node": 1.0} and cfg.eval.resources == {"worker_node": 0.01}
+    with pytest.raises(ConfigError, match=r"scale.resources_per_worker: 'GPU' is one of Ray's own resources"):
+        parse_config({"scale": {"resources_per_worker": {"GPU": 1}}})
+    with pytest.raises(ConfigError, match=r"eval.resources: 'worker_node': amount must be > 0"):
+        parse_config({"eval": {"resources": {"worker_node": 0}}})

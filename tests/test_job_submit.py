@@ -50,6 +50,16 @@ elif action == "wait":
 elif action == "list":
     print(json.dumps([{"entrypoint": j.entrypoint, "status": str(j.status), "driver_exit_code": j.driver_exit_code}
                       for j in client.list_jobs()]))
+elif action == "logs":
+    print(json.dumps({"status": str(client.get_job_status(arg)), "logs": client.get_job_logs(arg)}))
+elif action == "stop":
+    print(json.dumps({"stopped": client.stop_job(arg)}))
+elif action == "placement":  # arg: the GCS address; where every actor and task ran, and which node is the head
+    from ray.util.state import list_actors, list_nodes, list_tasks
+    head = [n.node_id for n in list_nodes(address=arg, detail=True) if n.is_head_node]
+    print(json.dumps({"head": head,
+                      "actors": [[a.class_name, a.node_id] for a in list_actors(address=arg, limit=10000, detail=True)],
+                      "tasks": [[t.name, t.node_id] for t in list_tasks(address=arg, limit=10000, detail=True)]}))
 """
 
 

@@ -4,6 +4,7 @@ server."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -66,3 +67,15 @@ def test_renewing_pushes_the_expiry_out_while_the_night_runs(lease_uri):
         time.sleep(3.0)  # longer than ttl_s: without renewals job-b would take it over
         assert Lease(lease_uri, "job-b", ttl_s=60).acquire()["holder"] == "job-a"
     a.release()
+
+
+def test_the_holder_is_named_by_the_ray_job_submission_id(monkeypatch):
+    """Ray gives a submitted driver its submission id only in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    from jobs.lease import holder_name
+
+    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID", raising=False)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {
+        "job_submission_id": "raysubmit_abc", "job_name": "raysubmit_abc"}}))
+    assert holder_name().startswith("raysubmit_abc@")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert "@" not in holder_name()

@@ -95,3 +95,45 @@ def test_a_storage_error_inside_a_wrapped_training_failure_is_found():
         assert stages.storage_failed(outer)
     assert stages.storage_failed(RuntimeError("worker traceback ...\ntsdae.storage.StorageError: s3://b: ..."))
     assert not stages.storage_failed(RuntimeError("CUDA out of memory"))
+
+
+def test_ray_trains_own_upload_failure_is_a_storage_failure():
+    """Seen on the two-node cluster: a checkpoint snapshot upload that the network broke failed the run as
+    "training failed" (exit 4); it is the store, exit 8."""
+    from ray.train import ControllerError
+
+    upload = OSError("When uploading part for key 'ray/run/checkpoint_manager_snapshot.json' in bucket 'b': AWS Error "
+                     "NETWORK_CONNECTION during UploadPart operation: curlCode: 52, Server returned nothing")
+    assert stages.storage_failed(ControllerError(upload))
+    assert not stages.storage_failed(ControllerError(ValueError("loss is nan at step 3")))
+
+
+def _no_credentials(monkeypatch) -> None:
+    import fsspec
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+def test_missing_credentials_while_the_config_is_checked_exit_with_the_storage_code(s3_bucket, monkeypatch, tmp_path,
+                                                                                    caplog):
+    """Preflight reads the model's config.json from the bucket: without credentials the job exits 8 naming
+    the URI (it was a traceback, exit 1)."""
+    config = tmp_path / "job.yaml"
+    config.write_text(f"model: {{name_or_path: {s3_bucket}/models/base}}\n")
+    _no_credentials(monkeypatch)
+    assert stages.start_job(str(config)) == EXIT_STORAGE
+    assert f"{s3_bucket}/models/base: storage failure (credentials)" in caplog.text
+
+
+def test_a_night_whose_registry_cannot_be_read_exits_with_the_storage_code(s3_bucket, monkeypatch, caplog):
+    from datetime import date
+
+    from jobs.nightly import run_night
+
+    cfg = parse_config({"read": {"uri": f"{s3_bucket}/days"}, "nightly": {"registry_uri": f"{s3_bucket}/registry"}})
+    _no_credentials(monkeypatch)
+    assert run_night(cfg, date(2024, 1, 1), "test").exit_code == EXIT_STORAGE
+    assert f"{s3_bucket}/registry/production.json: storage failure (credentials)" in caplog.text

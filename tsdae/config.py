@@ -27,6 +27,24 @@ def _yaml_float(value: Any) -> Any:
 
 Float = Annotated[float, BeforeValidator(_yaml_float)]
 
+# Ray's own resources, each with a key of its own in the configs (cpus_*, num_gpus, use_gpu).
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(value: Any) -> Any:
+    if isinstance(value, dict):
+        for name, amount in value.items():
+            if name in _RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is one of Ray's own resources, set by its own key; custom resources only")
+            if isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount <= 0:
+                raise ValueError(f"{name!r}: amount must be > 0, got {amount}")
+    return value
+
+
+# Custom Ray resources a process requires, {name: amount}: it runs only on nodes started with
+# ``ray start --resources '{"<name>": <total>}'`` (e.g. a label for the nodes that train).
+Resources = Annotated[dict[str, Float], BeforeValidator(_custom_resources)]
+
 
 class ConfigError(ValueError):
     """A config file or key that cannot be used; the message names the file and key."""

@@ -76,6 +76,7 @@ def encode_with_actors(sentences: list[str], model_ref: str, pooling: str, cfg: 
         compute=ray.data.ActorPoolStrategy(size=max(1, cfg.actors)),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
+        resources=cfg.resources or None,
     )
     out_NH, seen = None, np.zeros(len(sentences), dtype=np.int64)
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):

@@ -6,7 +6,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from tsdae.config import Float, Section
+from tsdae.config import Float, Resources, Section
 
 # The seven tasks of the literature's average, plus STS-B dev (model selection; not in the average).
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSB-test", "SICK-R", "STSB-dev")
@@ -60,6 +60,8 @@ class EvalConfig(Section):
     validation_num_cpus / validation_num_gpus: resources of that validation task (null: num_cpus /
     num_gpus). It runs while the workers train, so it must fit beside them or it waits for the end.
     validation_timeout_s: a validation still running after this long is cancelled (null: no limit).
+    resources: custom Ray resources the evaluation task, each encoder actor and the validation task require
+    ({eval_node: 1}: they run only on nodes started with ``ray start --resources '{"eval_node": 4}'``).
     """
 
     sts_dir: str = "data/sts"
@@ -76,6 +78,7 @@ class EvalConfig(Section):
     validation_num_cpus: Float | None = Field(None, gt=0)
     validation_num_gpus: Float | None = Field(None, ge=0)
     validation_timeout_s: Float | None = Field(None, gt=0)
+    resources: Resources = {}
 
     @model_validator(mode="after")
     def _distinct_custom_sets(self) -> "EvalConfig":

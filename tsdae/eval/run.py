@@ -2,7 +2,7 @@
 
 With ``eval.actors`` >= 1 the encoding is spread over that many Ray Data model actors
 (``tsdae.eval.actors``); otherwise, inside a Ray job, one Ray task with the stage's own resources
-(``eval.num_cpus`` / ``num_gpus``) scores it; outside Ray, this process does.
+(``eval.num_cpus`` / ``num_gpus`` / ``resources``) scores it; outside Ray, this process does.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def evaluate_model(model_ref: str, pooling: str, cfg: EvalConfig) -> dict:
     if cfg.actors >= 1:
         return evaluate_distributed(model_ref, pooling, cfg)
     if ray.is_initialized():
-        task = ray.remote(evaluate_here).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        task = ray.remote(evaluate_here).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                                        resources=cfg.resources)
         return ray.get(task.remote(model_ref, pooling, cfg))
     return evaluate_here(model_ref, pooling, cfg)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tsdae.config import Float, Section
+from tsdae.config import Float, Resources, Section
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -75,6 +75,9 @@ class ScaleConfig(Section):
     worker explicitly, so this does not oversubscribe the matmuls.
     accelerator_type: with use_gpu, the GPU every worker must have (Ray's accelerator type, e.g. "A10G",
     "A100", "H100"), so that one run never mixes GPU kinds (the slowest would set every step's pace).
+    resources_per_worker / resources_per_preprocess_actor: custom Ray resources each training worker / each
+    tokenizer actor requires, e.g. {gpu_node: 1} so that they run only on the nodes started with
+    ``ray start --resources '{"gpu_node": 8}'`` (CPUs and GPUs have their own keys).
     ddp_bucket_mb: the size of DDP's gradient buckets; each is all-reduced as soon as its gradients are
     ready, overlapping the rest of the backward pass (PyTorch's default, 25).
     shared_filesystem: set true when the local paths are on NFS/EFS mounted at the same path on every
@@ -92,6 +95,8 @@ class ScaleConfig(Section):
     local_num_cpus: int | None = Field(None, ge=1)
     accelerator_type: str | None = None
     ddp_bucket_mb: int = Field(25, ge=1)
+    resources_per_worker: Resources = {}
+    resources_per_preprocess_actor: Resources = {}
     shared_filesystem: bool = False
 
     @model_validator(mode="after")

@@ -76,7 +76,8 @@ def build_trainer(
             num_workers=scale.num_workers if scale.min_workers is None else (scale.min_workers, scale.num_workers),
             use_gpu=scale.use_gpu,
             accelerator_type=scale.accelerator_type,
-            resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
+            resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {}),
+                                  **scale.resources_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -79,8 +79,8 @@ def load_validation_history(run_path: str, filesystem=None) -> list[dict]:
 
 def build_validation_config(eval_cfg: EvalConfig, *, base_model: str, pooling: str) -> ray.train.ValidationConfig:
     """The ``validation_config`` for TorchTrainer: ``validate_checkpoint`` on eval_cfg.validation_task,
-    in a Ray task with eval_cfg.validation_num_cpus / validation_num_gpus (null: num_cpus / num_gpus), so
-    it never takes a training worker's resources."""
+    in a Ray task with eval_cfg.validation_num_cpus / validation_num_gpus (null: num_cpus / num_gpus) and
+    eval_cfg.resources, so it never takes a training worker's resources."""
     if eval_cfg.validation_task is None:
         raise ValueError("eval.validation_task is null: validation is off")
     num_cpus, num_gpus = eval_cfg.validation_resources()
@@ -93,7 +93,7 @@ def build_validation_config(eval_cfg: EvalConfig, *, base_model: str, pooling: s
                        "num_cpus": num_cpus, "num_gpus": num_gpus},
             timeout_s=eval_cfg.validation_timeout_s,
         ),
-        ray_remote_kwargs={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        ray_remote_kwargs={"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": eval_cfg.resources},
     )
 
 
