@@ -30,6 +30,9 @@ from tsdae.storage import StorageError, storage_cause
                      "parquet file."), None),
     (OSError("Couldn't deserialize thrift: TProtocolException: Invalid data"), None),
     (OSError("Corrupt snappy compressed data."), None),
+    # A status code counts as a whole token only: this hash in a path once read as HTTP 429 (throttling).
+    (FileNotFoundError("No such file or directory: '/r/nights/5e5d358303ae094144429821e.json'"), None),
+    (OSError("Too many requests (429)"), "throttling"),
 ])
 def test_storage_failures_are_told_from_bad_bytes(error, cause):
     assert storage_cause(error) == cause

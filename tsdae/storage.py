@@ -9,6 +9,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,11 +41,19 @@ _CAUSES = {
 }
 
 
+def _mentions(text: str, fragment: str) -> bool:
+    """fragment occurs in text; a status code (digits) only as a whole token, not inside a hash or a number
+    of a path ("…/144429821e.json" is not HTTP 429)."""
+    if fragment.isdigit():
+        return re.search(rf"(?<![0-9a-z]){fragment}(?![0-9a-z])", text) is not None
+    return fragment in text
+
+
 def storage_cause(error: BaseException) -> str | None:
     """The likely cause if error is a failure of the storage rather than of the data, else None."""
     text = f"{type(error).__name__}: {error}".lower()
     for cause, fragments in _CAUSES.items():
-        if any(f in text for f in fragments):
+        if any(_mentions(text, f) for f in fragments):
             return cause
     if isinstance(error, _STORAGE_TYPES) or type(error).__module__.startswith(_STORAGE_MODULES):
         return "storage"
