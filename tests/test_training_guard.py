@@ -47,7 +47,7 @@ def guard_run(tmp_path: Path, model_dir: str, workers: int) -> dict:
         "name": f"guard{workers}",
         "storage_path": str(tmp_path / "ray"),
         "output_dir": str(tmp_path / "runs"),
-        "read": {"uri": str(corpus)},
+        "read": {"uri": str(corpus), "shuffle_rows": 0},  # the order the guard was recorded in
         "corrupt": {"max_length": 32, "seed": 3},
         "model": {"name_or_path": model_dir},
         "train": {"global_batch_size": 8, "max_steps": STEPS, "lr": 1e-3, "report_every": 1,

@@ -22,6 +22,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,7 +36,12 @@ import yaml
 from conftest import free_port
 from test_job_submit import _client, _stop_group
 
-pytestmark = pytest.mark.ray
+# Not in the default suite yet: the module took 14-21 min on the loaded 2-core machine, and a first full-suite
+# run failed here on Ray's 107-byte socket path limit under pytest's deep temp folders (now a short /tmp
+# folder). TSDAE_TWO_NODE=1 runs it.
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(
+    os.environ.get("TSDAE_TWO_NODE") != "1",
+    reason="the two-node cluster tests (14-21 min here) run with TSDAE_TWO_NODE=1")]
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "two-node"
 WORKER_RESOURCE = "worker_node"
@@ -308,7 +314,8 @@ def cluster(bucket, inputs, tmp_path_factory):
            # what a job submitted with `--runtime-env` gets: give the stop protocol time to checkpoint
            "RAY_JOB_STOP_WAIT_TIME_S": "120"}
     env.pop("TSDAE_MODEL_CACHE", None)
-    cluster = TwoNodeCluster(tmp_path_factory.mktemp("two-node"), env)
+    # A short folder: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+    cluster = TwoNodeCluster(Path(tempfile.mkdtemp(prefix="tn-", dir="/tmp")), env)
     try:
         cluster.wait_ready()
         yield cluster

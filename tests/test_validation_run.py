@@ -162,7 +162,7 @@ def test_validation_can_be_switched_off():
         build_validation_config(EvalConfig(validation_task=None), base_model="m", pooling="cls")
     vc = build_validation_config(EvalConfig(num_cpus=2, validation_num_cpus=1, validation_num_gpus=0),
                                  base_model="m", pooling="cls")
-    assert vc.ray_remote_kwargs == {"num_cpus": 1, "num_gpus": 0} and vc.task_config.fn_kwargs["num_cpus"] == 1
+    assert vc.ray_remote_kwargs == {"num_cpus": 1, "num_gpus": 0, "resources": {}} and vc.task_config.fn_kwargs["num_cpus"] == 1
 
 
 @pytest.mark.ray
