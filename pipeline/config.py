@@ -31,7 +31,7 @@ class ReadConfig(Section):
     max_chars: longer texts are cut to this many characters (at a whitespace boundary when there is
       one) and counted as ``truncated``.
     shuffle_rows: the training order. > 0: each epoch reads the files in its own permutation and
-      shuffles each file's rows in windows of this many rows (its row groups in a permuted order too),
+      shuffles each file's rows in windows of this many rows,
       so a corpus stored sorted (by class, source or date) is not trained one kind after the other;
       memory: one window of text per read task. 0: file order, as stored. The order is a pure function
       of (shuffle_seed, epoch); the rows of an epoch and every rank's batch count do not change.

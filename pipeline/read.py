@@ -27,7 +27,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import ReadConfig
-from pipeline.shuffle import file_order, row_group_order, window_order
+from pipeline.shuffle import file_order, window_order
 from tsdae.storage import storage_error, storage_failures
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ class CorpusSource(Datasource):
         epochs = self.epochs if self.epochs is not None else [None]
         paths = self.files.paths
         return [
-            ReadTask(_Reader(paths[i], self.files.filesystem, self.cfg, epoch, self.mode, file_index=int(i)),
+            ReadTask(_Reader(paths[i], self.files.filesystem, self.cfg, epoch, self.mode),
                      BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[paths[i]]))
             for epoch in epochs for i in self._order(epoch)
         ]
@@ -323,22 +323,19 @@ class CorpusSource(Datasource):
 class _Reader:
     """The body of one read task (a picklable callable returning an iterator of blocks)."""
 
-    def __init__(self, path, filesystem, cfg: ReadConfig, epoch: int | None, mode: str, file_index: int = 0):
+    def __init__(self, path, filesystem, cfg: ReadConfig, epoch: int | None, mode: str):
         self.path, self.filesystem, self.cfg, self.epoch, self.mode = path, filesystem, cfg, epoch, mode
-        self.file_index = file_index
         self.shuffle = mode == "rows" and epoch is not None and cfg.shuffle_rows > 0
-        self.window: list[pa.Table] = []  # rows waiting to be shuffled (at most shuffle_rows + a batch)
 
     def __call__(self):
         totals = dict.fromkeys(COUNTS, 0)
+        window: list[pa.Table] = []  # rows waiting to be shuffled (at most shuffle_rows + one batch)
+        buffered = 0
         try:
             parquet = pq.ParquetFile(self.path, filesystem=self.filesystem)
-            groups = range(parquet.num_row_groups)
-            if self.shuffle:
-                groups = row_group_order(parquet.num_row_groups, seed=self.cfg.shuffle_seed, epoch=self.epoch,
-                                         file_index=self.file_index).tolist()
-            # Row group by row group: a damaged group then stops the file exactly there, every time.
-            batches = (b for g in groups
+            # Row group by row group, in file order (also when shuffling): a damaged group then stops the file
+            # exactly there, every time, after the rows corpus_stats counted.
+            batches = (b for g in range(parquet.num_row_groups)
                        for b in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[g],
                                                      columns=[self.cfg.text_column]))
             for record_batch in batches:
@@ -353,10 +350,12 @@ class _Reader:
                 if not self.shuffle:
                     yield pa.table(block)
                     continue
-                self.window.append(pa.table(block))
-                if sum(t.num_rows for t in self.window) >= self.cfg.shuffle_rows:
-                    yield from self._flush()
-            yield from self._flush()
+                window.append(pa.table(block))
+                buffered += len(text)
+                if buffered >= self.cfg.shuffle_rows:
+                    yield from self._shuffled(window)
+                    window, buffered = [], 0
+            yield from self._shuffled(window)
         except Exception as e:
             if failed := storage_error(self.path, e):  # skipping would change this run's rows
                 raise failed from e
@@ -368,7 +367,7 @@ class _Reader:
             if self.cfg.on_bad_file == "fail":
                 raise CorpusError(f"{self.path}: {reason}") from e
             log.warning("skipping the rest of %s: %s", self.path, reason)
-            yield from self._flush()  # the rows read before the damage, as on every read
+            yield from self._shuffled(window)  # the rows read before the damage, as on every read
             if self.mode == "stats":
                 yield pa.table({"path": [self.path], **{k: [v] for k, v in totals.items()}, "error": [reason]})
             return
@@ -376,12 +375,11 @@ class _Reader:
             yield pa.table({"path": [self.path], **{k: [v] for k, v in totals.items()}, "error": [""]})
 
 
-    def _flush(self):
+    def _shuffled(self, tables: list[pa.Table]):
         """The buffered rows in their shuffled order, as blocks of at most READ_BATCH_ROWS rows."""
-        if not self.window:
+        if not tables:
             return
-        window = pa.concat_tables(self.window)
-        self.window = []
+        window = pa.concat_tables(tables)
         order = window_order(window.column("row_key").to_numpy(), seed=self.cfg.shuffle_seed, epoch=self.epoch)
         window = window.take(pa.array(order))
         for start in range(0, window.num_rows, READ_BATCH_ROWS):

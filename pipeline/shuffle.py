@@ -5,8 +5,8 @@ The reference trains on shuffled random batches; a corpus read in file order is 
 read stage shuffles at two levels, both bounded and both without a Ray shuffle:
 
 - files: each epoch visits the files in its own permutation (file_order);
-- rows: each read task shuffles its file's rows in windows of ``shuffle_rows`` rows, after visiting the
-  file's row groups in their own permutation (row_group_order, window_order).
+- rows: each read task shuffles its file's rows in windows of ``shuffle_rows`` rows (window_order). Row
+  groups are read in file order, so a damaged group stops a file after the rows corpus_stats counted.
 
 Nothing here moves rows between read tasks, so every epoch still has exactly the corpus's rows, and
 Ray Data's equal split gives every DDP rank the same batch count as before. The row order within a
@@ -32,11 +32,6 @@ def _rng(seed: int, epoch: int, *context: int) -> np.random.Generator:
 def file_order(n_files: int, *, seed: int, epoch: int) -> np.ndarray:
     """The permutation of the (sorted) file list that epoch `epoch` reads in."""
     return _rng(seed, epoch, 1).permutation(n_files)
-
-
-def row_group_order(n_groups: int, *, seed: int, epoch: int, file_index: int) -> np.ndarray:
-    """The permutation of a file's row groups: file_index is the file's place in the sorted file list."""
-    return _rng(seed, epoch, 2, file_index).permutation(n_groups)
 
 
 def window_order(row_keys: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:

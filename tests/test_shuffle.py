@@ -83,3 +83,18 @@ def test_permutations_are_pure_functions_of_seed_and_epoch():
     full_rank = np.empty(500, dtype=np.int64)
     full_rank[order] = np.arange(500)
     assert np.all(np.diff(full_rank[::3][sub_order]) > 0)
+
+
+def test_a_damaged_file_skipped_mid_read_keeps_the_rows_before_the_damage(tmp_path):
+    """on_bad_file: skip with shuffling on: the rows read before a damaged row group are kept (the same
+    ones corpus_stats counts: groups are read in file order), shuffled, on every read."""
+    texts = [f"sentence number {i} " * 3 for i in range(2000)]
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": texts}), path, compression="snappy", row_group_size=500)
+    data = bytearray(path.read_bytes())
+    start = pq.read_metadata(path).row_group(3).column(0).data_page_offset
+    data[start + 10:start + 200] = b"\xff" * 190
+    path.write_bytes(bytes(data))
+    first = _epoch_texts(tmp_path, 0, shuffle_rows=700, on_bad_file="skip")
+    assert sorted(first) == sorted(texts[:1500]) and first != texts[:1500]
+    assert _epoch_texts(tmp_path, 0, shuffle_rows=700, on_bad_file="skip") == first
