@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
                             checkpoint_every=args.checkpoint_every, deterministic=True)
         trainer = build_trainer(dataset, model=ModelConfig(name_or_path=model), train=train,
                                 scale=ScaleConfig(num_workers=2, cpus_per_worker=0.5, max_failures=1),
-                                max_length=32, rows=len(texts), name=name, storage_path=str(tmp / "ray"),
+                                max_seq_length=32, rows=len(texts), name=name, storage_path=str(tmp / "ray"),
                                 loop=train_loop_per_worker if fault_at is None else CrashOnce(fault_at))
         t = time.perf_counter()
         result = trainer.fit()

@@ -165,7 +165,7 @@ def train_stage(cfg: RunConfig, rows: int, run_name: str, callbacks: list | None
         batch_size=cfg.train.per_worker_batch(cfg.scale.num_workers)[0],  # length-aware micro-batches
     )
     trainer = build_trainer(
-        dataset, model=cfg.model, train=cfg.train, scale=cfg.scale, max_length=cfg.corrupt.max_length,
+        dataset, model=cfg.model, train=cfg.train, scale=cfg.scale, max_seq_length=cfg.eval.max_length,
         rows=rows, name=run_name, storage_path=cfg.storage_path, stop_flag=flag, eval_cfg=cfg.eval,
         callbacks=callbacks,
     )
@@ -201,7 +201,7 @@ def export_stage(result, selected: Selection, out_dir: Path, cfg: RunConfig) -> 
     for stale in (out_dir / checkpoint.ENCODER_DIR, out_dir / checkpoint.DECODER_DIR, final_dir):
         if stale.exists():
             shutil.rmtree(stale)
-    checkpoint.export_model(selected.checkpoint, out_dir, cfg.model, cfg.corrupt.max_length)
+    checkpoint.export_model(selected.checkpoint, out_dir, cfg.model, cfg.eval.max_length)
     if selected.source == "best_dev":
         checkpoint.copy_encoder(result.checkpoint, final_dir)
     for name in (checkpoint.METRICS_FILE, checkpoint.SUMMARY_FILE):

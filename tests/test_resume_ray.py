@@ -46,7 +46,7 @@ def run(ray_local, tiny_bert_no_dropout_dir, corpus, tmp_path_factory):
         trainer = build_trainer(
             dataset, model=ModelConfig(name_or_path=tiny_bert_no_dropout_dir), train=train,
             scale=ScaleConfig(num_workers=workers, cpus_per_worker=0.5, max_failures=max_failures),
-            max_length=32, rows=60, name=name, storage_path=str(storage),
+            max_seq_length=32, rows=60, name=name, storage_path=str(storage),
             loop=train_loop_per_worker if crash_at_step is None else CrashOnce(crash_at_step),
         )
         result = trainer.fit()

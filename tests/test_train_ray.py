@@ -39,7 +39,7 @@ def test_two_workers_train_identical_replicas(ray_local, tiny_bert_dir, small_co
     train = TrainConfig(global_batch_size=8, max_steps=6, lr=1e-3, report_every=2, checkpoint_every=3)
     trainer = build_trainer(
         dataset, model=ModelConfig(name_or_path=tiny_bert_dir), train=train,
-        scale=ScaleConfig(num_workers=2, cpus_per_worker=0.5), max_length=32, rows=101,
+        scale=ScaleConfig(num_workers=2, cpus_per_worker=0.5), max_seq_length=32, rows=101,
         name="replicas", storage_path=str(tmp_path / "ray"),
     )
     result = trainer.fit()

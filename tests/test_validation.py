@@ -102,7 +102,7 @@ def test_validate_checkpoint_records_history_and_exports_best(tiny_bert_dir, tmp
                                              for r in records] + [(None, {"step": 30})])
     best, metrics = best_checkpoint(fake)
     assert metrics[VAL_METRIC] == max(r[VAL_METRIC] for r in records)
-    out = checkpoint.export_model(best, tmp_path / "best", ModelConfig(name_or_path=tiny_bert_dir), max_length=128)["encoder"]
+    out = checkpoint.export_model(best, tmp_path / "best", ModelConfig(name_or_path=tiny_bert_dir), max_seq_length=128)["encoder"]
     assert json.loads((out / "tsdae.json").read_text())["pooling"] == "cls"
     model, tokenizer = _trained_state(tiny_bert_dir, 1.5 if metrics["val_step"] == 20 else 0.7)
     np.testing.assert_allclose(_embed(str(out)), _embed(model.encoder, tokenizer), atol=1e-5)

@@ -201,6 +201,9 @@ def test_run_validates_checkpoints_exports_the_best_and_compares_with_production
     kept = {str(c.path): m for c, m in result.best_checkpoints}
     assert kept[selection["selected_checkpoint"]][VAL_METRIC] == pytest.approx(top)
     _assert_same_weights(out / "encoder", Path(selection["selected_checkpoint"]) / "encoder")
+    # Exported and checkpoint encoders embed as they were scored: eval.max_length (128), not corrupt's 32.
+    for encoder in (out / "encoder", Path(selection["selected_checkpoint"]) / "encoder"):
+        assert json.loads((encoder / "sentence_bert_config.json").read_text())["max_seq_length"] == 128
     if selection["selected"] == "best_dev":
         assert selection["selected_step"] < 6
         _assert_same_weights(out / "final_encoder", Path(selection["final_checkpoint"]) / "encoder")

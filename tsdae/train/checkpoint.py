@@ -35,7 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, step: int, max_length: int,
+def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, step: int, max_seq_length: int,
                     position: dict, records: dict[str, str] | None = None) -> None:
     """Write a checkpoint into the local folder path (Ray Train uploads it): state.pt, encoder/, the
     records given ({file name: text}: METRICS_FILE and SUMMARY_FILE at the end of a run), complete.json last."""
@@ -43,7 +43,7 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, step: in
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "position": position}, tmp)
     os.replace(tmp, path / STATE_FILE)
-    export_encoder(model, tokenizer, path / ENCODER_DIR, max_seq_length=max_length)
+    export_encoder(model, tokenizer, path / ENCODER_DIR, max_seq_length=max_seq_length)
     for name, text in (records or {}).items():
         (path / name).write_text(text)
     (path / COMPLETE_FILE).write_text(json.dumps({"step": step, "position": position}) + "\n")
@@ -90,11 +90,11 @@ def load_tsdae(checkpoint, model_cfg: ModelConfig):
     return model.eval(), tokenizer
 
 
-def export_model(checkpoint, out_dir: Path, model_cfg: ModelConfig, max_length: int) -> dict[str, Path]:
+def export_model(checkpoint, out_dir: Path, model_cfg: ModelConfig, max_seq_length: int) -> dict[str, Path]:
     """Export a checkpoint's model to out_dir: ``encoder/`` and ``decoder/``, both from its state.pt, so
     that the two always come from the same step. Returns {"encoder": path, "decoder": path}."""
     model, tokenizer = load_tsdae(checkpoint, model_cfg)
-    return {"encoder": export_encoder(model, tokenizer, out_dir / ENCODER_DIR, max_seq_length=max_length),
+    return {"encoder": export_encoder(model, tokenizer, out_dir / ENCODER_DIR, max_seq_length=max_seq_length),
             "decoder": export_decoder(model, tokenizer, out_dir / DECODER_DIR)}
 
 

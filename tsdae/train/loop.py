@@ -33,14 +33,16 @@ log = logging.getLogger("tsdae.train")
 class WorkerConfig:
     """What every worker needs (``train_loop_config`` of the TorchTrainer; built by build_trainer).
 
-    threads: torch CPU threads of a CPU worker. steps_per_epoch: optimizer steps per epoch on every rank.
+    max_seq_length: the ``max_seq_length`` of the encoder every checkpoint exports (the evaluation's
+    max_length, so that the exported model embeds as it was scored). threads: torch CPU threads of a CPU
+    worker. steps_per_epoch: optimizer steps per epoch on every rank.
     stop_flag: a URI that the driver writes to ask for a checkpoint and an early stop (checked at report
     steps). validate: rank 0 asks Ray Train to score every checkpoint it reports (not a stop checkpoint).
     """
 
     model: ModelConfig
     train: TrainConfig
-    max_length: int
+    max_seq_length: int
     threads: int
     steps_per_epoch: int
     stop_flag: str | None = None
@@ -159,7 +161,7 @@ def save_and_report(cfg: WorkerConfig, metrics: dict, save: bool, *, validate: b
         if save and ray.train.get_context().get_world_rank() == 0:
             folder = Path(tmp)
             position = {"global_batches": step, "rows": step * cfg.train.global_batch_size}
-            checkpoint.save_checkpoint(folder, model, tokenizer, optimizer, scheduler, step, cfg.max_length,
+            checkpoint.save_checkpoint(folder, model, tokenizer, optimizer, scheduler, step, cfg.max_seq_length,
                                        position, records)
         saved = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
         if validate and saved is not None:

@@ -32,7 +32,7 @@ def build_trainer(
     model: ModelConfig,
     train: TrainConfig,
     scale: ScaleConfig,
-    max_length: int,
+    max_seq_length: int,
     rows: int,
     name: str,
     storage_path: str,
@@ -43,6 +43,7 @@ def build_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer for one run; `name` must be unique per launch (a same-named run resumes).
 
+    max_seq_length: the exported encoders' max_seq_length (jobs pass eval.max_length).
     stop_flag: a URI; when it appears the workers checkpoint and stop early (jobs.stop writes it).
     eval_cfg: with an ``eval.validation_task``, every checkpoint the workers report (periodic and final,
     not a stop checkpoint) is scored on that task by Ray Train's validation hook, in a separate Ray task
@@ -66,9 +67,9 @@ def build_trainer(
             num_to_keep=train.keep_checkpoints, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max")
         extra["validation_config"] = build_validation_config(eval_cfg, base_model=model.name_or_path,
                                                              pooling=model.pooling)
-    worker = WorkerConfig(model=model, train=train, max_length=max_length, threads=max(1, int(scale.cpus_per_worker)),
-                          steps_per_epoch=steps_per_epoch(rows, scale, train), stop_flag=stop_flag, validate=validate,
-                          ddp_bucket_mb=scale.ddp_bucket_mb)
+    worker = WorkerConfig(model=model, train=train, max_seq_length=max_seq_length,
+                          threads=max(1, int(scale.cpus_per_worker)), steps_per_epoch=steps_per_epoch(rows, scale, train),
+                          stop_flag=stop_flag, validate=validate, ddp_bucket_mb=scale.ddp_bucket_mb)
     return TorchTrainer(
         loop,
         train_loop_config=worker,
