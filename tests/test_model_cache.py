@@ -225,3 +225,45 @@ def test_an_evaluation_whose_model_cannot_be_fetched_is_a_storage_failure(tmp_pa
                          capture_output=True, text=True, timeout=300)
     assert "EXIT 8 evaluation of base model stopped by a storage failure" in out.stdout, out.stderr[-3000:]
     assert "s3://models/tiny" in out.stdout
+
+
+def test_the_cache_keeps_to_its_limit_removing_the_least_recently_used_entries(s3_bucket, tiny_bert_dir, cache,
+                                                                               monkeypatch, caplog):
+    """Over $TSDAE_MODEL_CACHE_GB after a download, the least recently used entries go, except one used in
+    the last hour and one whose lock another process holds; a crashed download's folder goes too."""
+    import fcntl
+    import time
+
+    uris = [f"{s3_bucket}/models/m{i}" for i in range(4)]
+    for uri in uris:
+        _upload(tiny_bert_dir, uri)
+    m0 = Path(fetch_model(uris[0]))
+    size = sum(f.stat().st_size for f in m0.rglob("*") if f.name != RECORD)
+    monkeypatch.setenv("TSDAE_MODEL_CACHE_GB", str(2.5 * size / 1e9))  # room for two entries
+    m1 = Path(fetch_model(uris[1]))
+
+    # Three entries, all used in the last hour: none is removed.
+    m2 = Path(fetch_model(uris[2]))
+    assert m0.exists() and m1.exists() and m2.exists()
+
+    # An hour later; m0 is used again, m1 is not, m2's lock is held by another process (a fetch of it).
+    hours_ago = time.time() - 2 * 3600
+    for entry in (m0, m1, m2):
+        os.utime(entry / RECORD, (hours_ago, hours_ago))
+    assert fetch_model(uris[0]) == str(m0)
+    crashed = cache / f".{m1.name}.k3x9q0zz"  # a download whose process died
+    (crashed / "sub").mkdir(parents=True)
+    with open(cache / f"{m2.name}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        caplog.set_level("INFO", logger="tsdae")
+        m3 = Path(fetch_model(uris[3]))
+    assert m0.exists() and m2.exists() and m3.exists() and not m1.exists() and not crashed.exists()
+    assert f"removed 1 least recently used entries ({m1.name})" in caplog.text
+    assert fetch_model(uris[1]) == str(m1) and _same_files(str(m1), tiny_bert_dir)  # fetched again when needed
+
+
+def test_a_bad_cache_limit_names_the_variable(s3_bucket, tiny_bert_dir, cache, monkeypatch):
+    monkeypatch.setenv("TSDAE_MODEL_CACHE_GB", "ten")
+    _upload(tiny_bert_dir, f"{s3_bucket}/models/tiny")
+    with pytest.raises(ValueError, match="TSDAE_MODEL_CACHE_GB='ten' is not a number of GB"):
+        fetch_model(f"{s3_bucket}/models/tiny")

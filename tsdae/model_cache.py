@@ -16,6 +16,11 @@ content fingerprint), so a model rewritten under the same URI is a new entry:
     <name>-<key>.lock              the OS file lock (fcntl.flock) held while an entry is checked or written
     .<name>-<key>.<random>/        a download in progress, renamed into place when complete and verified
 
+The cache keeps to ``$TSDAE_MODEL_CACHE_GB`` (10 GB; 0: no limit): after each download, the entries used
+least recently (a use touches the entry's record) are removed until it fits, except an entry used in the
+last hour (a process may still be loading it) or one whose lock another process holds. A nightly cluster
+thus keeps the recent nights' models, not every model it ever fetched.
+
 The fingerprint is the checksum manifest when the folder has one (the registry's ``MANIFEST.json``, in the
 folder or, for ``models/<id>/encoder``, one level up), else the listing's sizes and ETags. Every use
 re-checks the entry's files against their recorded sha256 (~0.07 s for the 88 MB MiniLM, 1.2 GB/s on the
@@ -41,6 +46,9 @@ import fsspec
 
 PACKAGE_PREFIX = "package:"
 CACHE_ENV = "TSDAE_MODEL_CACHE"
+CACHE_LIMIT_ENV = "TSDAE_MODEL_CACHE_GB"
+DEFAULT_CACHE_GB = 10.0
+RECENT_S = 3600.0  # an entry used this recently is never pruned
 MANIFEST = "MANIFEST.json"  # the registry's checksum manifest (jobs.registry writes it)
 RECORD = ".tsdae-cache.json"
 
@@ -104,6 +112,16 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "tsdae-model-cache")
 
 
+def cache_limit_bytes() -> float | None:
+    """The cache's size limit in bytes ($TSDAE_MODEL_CACHE_GB, default 10 GB); None: no limit (0 or less)."""
+    raw = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_CACHE_GB
+    except ValueError:
+        raise ValueError(f"{CACHE_LIMIT_ENV}={raw!r} is not a number of GB") from None
+    return gb * 1e9 if gb > 0 else None
+
+
 def fetch_model(name_or_path: str) -> str:
     """A local folder with the model of a reference, on this node.
 
@@ -121,6 +139,7 @@ def fetch_model(name_or_path: str) -> str:
     # (it builds models from local folders through tsdae.model).
     from tsdae.storage import storage_failures
 
+    limit = cache_limit_bytes()  # a bad $TSDAE_MODEL_CACHE_GB fails before any download
     with storage_failures(ref):
         fs, root = fsspec.core.url_to_fs(ref)
         root = root.rstrip("/")
@@ -133,11 +152,13 @@ def fetch_model(name_or_path: str) -> str:
         with _locked(cache / f"{entry.name}.lock"):
             problem = _entry_problem(entry, expected)
             if problem is None:
+                os.utime(entry / RECORD)  # its last use, which pruning goes by
                 return str(entry)
             if entry.exists():
                 log.warning("model cache %s: %s; fetching %s again", entry, problem, ref)
                 shutil.rmtree(entry)
             _download(fs, root, ref, expected, entry)
+    prune_cache(cache, limit, keep=entry)
     return str(entry)
 
 
@@ -193,10 +214,52 @@ def is_relative_inside(rel: str) -> bool:
 
 # -- the cache entry ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _locked(path: Path):
+def _locked(path: Path, wait: bool = True):
+    """Hold the OS file lock at path (released when the file closes); with wait=False, yield False at once
+    when another process holds it."""
     with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def prune_cache(cache: Path, limit: float | None, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used entries of the cache folder until it holds at most limit bytes
+    (None: no limit), never keep, an entry used in the last RECENT_S seconds, or one whose lock
+    another process holds; and remove download folders that no download holds (a crashed process's).
+    Returns the entries removed."""
+    entries, now = [], time.time()
+    for path in cache.iterdir():
+        if not path.is_dir():
+            continue
+        if path.name.startswith("."):  # .<entry>.<random>: a download, in progress only under its entry's lock
+            with _locked(cache / f"{path.name[1:].rsplit('.', 1)[0]}.lock", wait=False) as free:
+                if free:
+                    shutil.rmtree(path, ignore_errors=True)
+            continue
+        usage = _usage(path)
+        if usage is not None:
+            entries.append((*usage, path))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for used, size, path in sorted(entries):
+        if limit is None or total <= limit:
+            break
+        if path == keep or now - used < RECENT_S:
+            continue
+        with _locked(cache / f"{path.name}.lock", wait=False) as free:
+            if not free:
+                continue
+            shutil.rmtree(path)
+        total -= size
+        removed.append(path)
+    if removed:
+        log.info("model cache %s: removed %d least recently used entries (%s) to keep within %.1f GB",
+                 cache, len(removed), ", ".join(p.name for p in removed), limit / 1e9)
+    return removed
 
 
 def sha256_file(path: Path) -> str:
@@ -205,6 +268,18 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _usage(entry: Path) -> tuple[float, int] | None:
+    """(last use, bytes) of a cache entry; None when it has gone meanwhile (another process pruned it)."""
+    record = entry / RECORD
+    try:
+        try:
+            return record.stat().st_mtime, sum(f["size"] for f in json.loads(record.read_text())["files"].values())
+        except (FileNotFoundError, ValueError, KeyError, TypeError):  # no complete copy (fetch would replace it)
+            return entry.stat().st_mtime, sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+    except FileNotFoundError:
+        return None
 
 
 def _entry_problem(entry: Path, expected: dict[str, dict]) -> str | None:
