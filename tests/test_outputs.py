@@ -1,14 +1,13 @@
 """A run's outputs at a path or in a bucket (tsdae.storage.OutputDir, on moto's S3 server): what is put
 where, what replaces an earlier attempt, a missing bucket named as a storage failure and never created,
-jobs.evaluate --out on S3, and (marked ray) jobs.run end to end with output_dir: s3://…"""
+jobs.evaluate --out on S3. Runs and nights end to end with every output in a bucket, on two nodes:
+tests/test_two_node.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
@@ -17,12 +16,9 @@ from test_evaluate_job import _small_sts
 from test_validation_run import _tiny_run_config
 
 from jobs import stages
-from jobs.config import dump_config
 from jobs.evaluate import main as evaluate_main
 from jobs.exits import EXIT_STORAGE
 from tsdae.storage import OutputDir, StorageError, publish
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _s3():
@@ -147,97 +143,3 @@ def test_evaluate_writes_its_report_to_a_bucket(s3_bucket, tiny_bert_dir, tmp_pa
 
 
 # -- tier 3: jobs.run end to end, outputs in the bucket ------------------------------------------------------
-@pytest.mark.ray
-def test_a_run_with_output_dir_in_a_bucket_puts_every_output_there(s3_bucket, tiny_bert_dir, tmp_path):
-    """6 steps of the tiny BERT, checkpoints at 3 and 6 scored on STS-B dev, launched as `python -m
-    jobs.run` from an empty working directory (as Ray's scratch copy of a job would be): the config,
-    report, charts, exports and records are in the bucket, logged by URI; nothing is left in the working
-    directory; SentenceTransformer loads the encoder downloaded from the bucket and embeds as our encoder
-    does."""
-    import numpy as np
-    from sentence_transformers import SentenceTransformer
-
-    from tsdae.eval import SentenceEncoder
-
-    cfg = _tiny_run_config(tmp_path, tiny_bert_dir, "s3run", 3, output_dir=f"{s3_bucket}/runs")
-    cfg = cfg.replace(scale=cfg.scale.replace(local_num_cpus=4).model_dump())
-    config = tmp_path / "s3run.yaml"
-    config.write_text(dump_config(cfg))
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    job = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(config)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=900)
-    log = job.stdout + job.stderr
-    assert job.returncode == 0, log[-6000:]
-    assert sorted(os.listdir(cwd)) == []  # no folder named "s3:", nothing else either
-
-    s3 = _s3()
-    (run,) = s3.ls(f"{s3_bucket}/runs".removeprefix("s3://"))
-    run_uri = f"s3://{run}"
-    names = {p[len(run) + 1:] for p in s3.find(run)}
-    top = {n.split("/")[0] for n in names}
-    assert {"config.yaml", "report.json", "report.md", "sts_tasks.png", "loss.png", "dev_over_steps.png",
-            "encoder", "decoder", "metrics.jsonl", "summary.json"} <= top <= {
-            "config.yaml", "report.json", "report.md", "sts_tasks.png", "loss.png", "dev_over_steps.png",
-            "encoder", "decoder", "final_encoder", "metrics.jsonl", "summary.json"}
-    assert {"encoder/config.json", "encoder/model.safetensors", "encoder/modules.json", "encoder/tsdae.json",
-            "encoder/1_Pooling/config.json", "decoder/config.json", "decoder/model.safetensors"} <= names
-    report = json.loads(s3.cat_file(f"{run}/report.json"))
-    assert report["meta"]["encoder_dir"] == f"{run_uri}/encoder"
-    assert report["after"]["tasks"]["STSB-dev"]["n_pairs"] == 200
-    assert json.loads(s3.cat_file(f"{run}/summary.json"))["steps"] == 6
-    assert json.loads(s3.cat_file(f"{run}/metrics.jsonl").decode().splitlines()[-1])["step"] == 6
-    assert s3.size(f"{run}/loss.png") > 1000
-    for name in sorted(top):  # the job's last log block: one URI per output
-        assert f"  {run_uri}/{name}\n" in log, name
-
-    local = tmp_path / "downloaded"
-    s3.get(f"{run}/encoder/", str(local) + "/", recursive=True)
-    sentences = ["A man is playing a guitar.", "The cat sleeps on the sofa.", "Stocks fell sharply today."]
-    ours = SentenceEncoder(str(local), report["after"]["pooling"]).encode(sentences)
-    theirs = SentenceTransformer(str(local), device="cpu").encode(sentences)
-    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.ray
-def test_a_night_with_outputs_and_registry_in_a_bucket(s3_bucket, tiny_bert_dir, tmp_path):
-    """One real night (`python -m jobs.nightly`, an empty working directory): its report, lineage and
-    exports are in the bucket under the model id, and the registry (in the bucket too) published the model
-    from the night's own copy, in the same process; the promoted model's manifest verifies."""
-    import pyarrow.parquet as pq
-    from test_nightly import DAYS, _add_day, _config
-
-    from jobs.registry import Registry
-
-    texts = pq.read_table(ROOT / "data/corpus/demo.parquet").column("text").to_pylist()[:48]
-    _add_day(tmp_path / "corpus", DAYS[0], texts)
-    scale = {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_actors": 1, "cpus_per_preprocess_actor": 0.5,
-             "local_num_cpus": 4}
-    gate = {"tolerance": 1.0, "max_task_drop": 2.0}  # as the three nights of test_nightly: 3 steps of a random model
-    _config(tmp_path, tiny_bert_dir, {"registry_uri": f"{s3_bucket}/registry", "gate": gate},
-            output_dir=f"{s3_bucket}/runs", scale=scale, train={"max_steps": 3, "lr": 1e-4, "report_every": 1})
-    # (_config wrote tmp_path/nightly.yaml)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    job = subprocess.run([sys.executable, "-m", "jobs.nightly", "--config", str(tmp_path / "nightly.yaml"),
-                          "--through", DAYS[0]], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    log = job.stdout + job.stderr
-    assert job.returncode == 0, log[-6000:]
-    assert os.listdir(cwd) == []
-
-    registry = Registry(f"{s3_bucket}/registry")
-    model_id = registry.production()["model_id"]
-    run = f"{s3_bucket}/runs/{model_id}".removeprefix("s3://")
-    s3 = _s3()
-    top = {p[len(run) + 1:].split("/")[0] for p in s3.find(run)}
-    assert {"config.yaml", "report.json", "report.md", "sts_tasks.png", "loss.png", "lineage.json", "encoder",
-            "decoder", "metrics.jsonl", "summary.json"} <= top
-    assert json.loads(s3.cat_file(f"{run}/report.json"))["meta"]["gate"].startswith("PROMOTE")
-    assert json.loads(s3.cat_file(f"{run}/lineage.json")) == registry.lineage(model_id)
-    assert f"  s3://{run}/lineage.json\n" in log
-    local = registry.fetch(model_id, tmp_path / "check")  # every size and checksum against the manifest
-    assert (local / "encoder" / "model.safetensors").read_bytes() == s3.cat_file(f"{run}/encoder/model.safetensors")
