@@ -9,7 +9,9 @@ worker node has; the drivers run on the head from Ray's unpacked copy of the wor
 Corpus, model, checkpoints, outputs, registry and leases are all in a moto S3 server on loopback; faults
 come from a loopback proxy in front of it (connection resets, 403s), never from mocks of our code.
 
-One cluster for the module; every job's result is read with the job client (get_job_info / logs).
+One cluster for the module; every job's result is read with the job client (get_job_info / logs). Seven
+jobs in all (a run stopped and resumed, three nights, two faulty nights), each checking several things: the
+module is part of ``make test``, so each job serves as many of the five scenarios as it can.
 """
 
 from __future__ import annotations
