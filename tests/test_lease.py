@@ -79,3 +79,24 @@ def test_the_holder_is_named_by_the_ray_job_submission_id(monkeypatch):
     assert holder_name().startswith("raysubmit_abc@")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert "@" not in holder_name()
+
+
+def test_a_taker_reading_while_the_holder_renews_sees_the_holder(lease_uri):
+    """The lease is rewritten between the reader's HEAD and GET (s3fs reads If-Match the ETag it saw
+    first, so the GET finds another version): the reader reads again, never fails."""
+    a = Lease(lease_uri, "job-a", ttl_s=60)
+    assert a.acquire() is None
+    stop = threading.Event()
+
+    def renew_nonstop():
+        while not stop.is_set():
+            assert a.renew()
+
+    renewer = threading.Thread(target=renew_nonstop)
+    renewer.start()
+    try:
+        holders = [Lease(lease_uri, "job-b", ttl_s=60).acquire()["holder"] for _ in range(60)]
+    finally:
+        stop.set()
+        renewer.join()
+    assert holders == ["job-a"] * 60

@@ -130,11 +130,7 @@ def compare_and_swap(fs, path: str):
             yield data, lambda new: write_atomic(Path(path), new)
         return
     s3 = "s3" in protocols(fs)
-    try:
-        with fs.open(path, "rb") as f:  # s3fs reads every range of it If-Match the ETag it saw first
-            etag, data = (f.details["ETag"] if s3 else None), f.read()
-    except FileNotFoundError:
-        etag, data = None, None
+    etag, data = _read_one_version(fs, path, s3)
 
     def write(new: bytes) -> None:
         if not s3:
@@ -151,6 +147,24 @@ def compare_and_swap(fs, path: str):
             raise
 
     yield data, write
+
+
+def _read_one_version(fs, path: str, s3: bool, attempts: int = 10) -> tuple[str | None, bytes | None]:
+    """(ETag on S3 else None, bytes) of one version of the object at path; (None, None) if there is none.
+
+    s3fs reads every range of a file If-Match the ETag its first request saw: an object replaced in
+    between (a lease renewed while another job reads it) raises FileExpired (EBUSY); read it again, up to
+    attempts times, then raise Conflict."""
+    for _ in range(attempts):
+        try:
+            with fs.open(path, "rb") as f:
+                return (f.details["ETag"] if s3 else None), f.read()
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+    raise Conflict(f"{path} changed {attempts} times while it was read")
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
