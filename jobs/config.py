@@ -101,7 +101,7 @@ class RunConfig(Section):
     storage path would silently resume the old one).
     storage_path: where Ray Train writes checkpoints (local path or s3:// / gs:// URI).
     output_dir: where each run's outputs go, under ``<output_dir>/<run name>/``: a local path or any fsspec
-    URI (s3://, gs:// with gcsfs installed, file://). The reports, charts, exported ``encoder/`` and
+    URI (s3://, gs://, file://). The reports, charts, exported ``encoder/`` and
     ``decoder/``, ``metrics.jsonl``, ``summary.json`` and ``config.yaml`` (the resolved config the run
     used); a night adds ``lineage.json``. On a cluster use a bucket: the driver's working directory is
     Ray's scratch copy of the job.
@@ -211,7 +211,7 @@ def filesystem_problem(uri: str) -> str | None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as e:
-        return f"{uri!r} needs a filesystem that is not installed: {e} (s3fs: pip install 'tsdae-ray[cloud]')"
+        return f"{uri!r} needs a filesystem that is not installed: {e} (s3fs, gcsfs: pip install 'tsdae-ray[cloud]')"
     except ValueError:
         return f"{uri!r}: no filesystem is known for {protocol}://"
     return None
