@@ -18,6 +18,7 @@ of every artifact of its first run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -113,6 +114,8 @@ def main(argv=None) -> dict:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(shared, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            shared.parent.rmdir()  # runs/, if this made it
     keys = ("job_wall_s", "run_wall_s", "train_s")
     results = {name: {"median": {k: round(statistics.median(r[k] for r in rs), 1) for k in keys},
                       "runs": [{k: v for k, v in r.items() if k != "artifacts"} for r in rs],
