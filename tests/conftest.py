@@ -179,6 +179,20 @@ class S3Server(LoopbackServer):
         return _answers(f"{self.endpoint}/moto-api/")
 
 
+class GcsServer(LoopbackServer):
+    """gcp-storage-emulator (GCS's JSON API, in memory) with a free port. It ignores generation
+    preconditions (ifGenerationMatch), so nothing conditional can be proven on it."""
+
+    def __init__(self, folder: Path):
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self._start([str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--host", "127.0.0.1",
+                     "--port", str(port), "--in-memory"], folder / "gcs.log")
+
+    def ready(self) -> bool:
+        return _answers(f"{self.endpoint}/storage/v1/b")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3"))
