@@ -37,9 +37,11 @@ def gcs_server(tmp_path_factory):
 
 @pytest.fixture
 def gcs_bucket(gcs_server, monkeypatch, request) -> str:
-    """A fresh bucket on the emulator, fsspec's gs:// pointed at it (anonymous, JSON API); its gs:// URI."""
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
-    monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon", "project": "test"})
+    """A fresh bucket on the emulator, fsspec's gs:// pointed at it (anonymous, JSON API); its gs:// URI.
+    The endpoint is a storage option, not STORAGE_EMULATOR_HOST: the filesystem travels pickled with its
+    options to Ray's read tasks, in workers that may have started before this test set any variable."""
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon", "project": "test",
+                                                   "endpoint_url": gcs_server.endpoint})
     monkeypatch.setitem(_registry, "gs", gcsfs.core.GCSFileSystem)
     gcsfs.core.GCSFileSystem.clear_instance_cache()
     name = "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
