@@ -193,11 +193,24 @@ class GcsServer(LoopbackServer):
         return _answers(f"{self.endpoint}/storage/v1/b")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
+def _server_fixture(server_class, name: str):
+    """A session fixture named <name>_server: the server started once, stopped at the end."""
+    @pytest.fixture(scope="session", name=f"{name}_server")
+    def server(tmp_path_factory):
+        running = server_class(tmp_path_factory.mktemp(name))
+        yield running
+        running.stop()
+
+    return server
+
+
+s3_server = _server_fixture(S3Server, "s3")
+gcs_server = _server_fixture(GcsServer, "gcs")
+
+
+def bucket_name(request) -> str:
+    """A bucket name of the test's own (valid on S3 and GCS)."""
+    return "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
 
 
 @pytest.fixture
@@ -211,7 +224,7 @@ def s3_bucket(s3_server, monkeypatch, request):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    name = "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    name = bucket_name(request)
     boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=name)
     fsspec.get_filesystem_class("s3").clear_instance_cache()  # no client with an older environment
     return f"s3://{name}"

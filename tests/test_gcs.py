@@ -16,7 +16,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import GcsServer
+from conftest import bucket_name
 from fsspec.registry import _registry  # the gs:// class; fsspec.register_implementation has no undo
 
 from jobs.registry import Registry
@@ -28,13 +28,6 @@ from tsdae.storage import OutputDir
 gcsfs = pytest.importorskip("gcsfs", reason="gs:// needs the cloud extra (make installs it)")
 
 
-@pytest.fixture(scope="module")
-def gcs_server(tmp_path_factory):
-    server = GcsServer(tmp_path_factory.mktemp("gcs"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def gcs_bucket(gcs_server, monkeypatch, request) -> str:
     """A fresh bucket on the emulator, fsspec's gs:// pointed at it (anonymous, JSON API); its gs:// URI.
@@ -44,13 +37,14 @@ def gcs_bucket(gcs_server, monkeypatch, request) -> str:
                                                    "endpoint_url": gcs_server.endpoint})
     monkeypatch.setitem(_registry, "gs", gcsfs.core.GCSFileSystem)
     gcsfs.core.GCSFileSystem.clear_instance_cache()
-    name = "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    name = bucket_name(request)
     fsspec.filesystem("gs").mkdir(name)
     yield f"gs://{name}"
     gcsfs.core.GCSFileSystem.clear_instance_cache()
 
 
-def test_a_corpus_in_a_gcs_bucket_is_read_and_counted(gcs_bucket):
+@pytest.mark.ray
+def test_a_corpus_in_a_gcs_bucket_is_read_and_counted(gcs_bucket, ray_local):  # read by Ray Data tasks
     fs = fsspec.filesystem("gs")
     texts = [f"sentence number {i} of the corpus" for i in range(30)] + ["", None]
     for part, rows in enumerate((texts[:20], texts[20:])):
